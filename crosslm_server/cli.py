@@ -53,6 +53,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from crosslm_server.study import ABLATIONS, run_study
+
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else list(ABLATIONS)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summary = run_study(args.config, Path(args.out), seeds=seeds, arms=arms, overrides=list(args.set or []))
+    print(f"\nstudy: {Path(args.out) / 'study.md'}\n")
+    print((Path(args.out) / "study.md").read_text())
+    return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslm", description="CrossLM: mutual enhancement of an LLM and silos' SLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -65,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                      help="override any config value, e.g. --set round.update.gamma_kl=0 (repeatable)")
     sim.set_defaults(func=cmd_simulate)
+    st = sub.add_parser("study", help="run every arm over several seeds (resumable) and compare with intervals")
+    st.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")
+    st.add_argument("--out", default="runs/study", help="output folder; rerun to resume (default: %(default)s)")
+    st.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
+    st.add_argument("--first-seed", type=int, default=0, help="first seed (default: %(default)s)")
+    st.add_argument("--arms", default=None,
+                    help="comma-separated arms (default: all: crosslm and every ablation); the baselines always run")
+    st.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for every arm")
+    st.set_defaults(func=cmd_study)
     return parser
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from crosslm_server.cache import ArtefactCache, config_key
 from crosslm_server.config import SimConfig, as_dict
 from crosslm_server.enhance import enhance_slm, targets
 from crosslm_server.evaluate import general_corpus, on_label_rate, perplexity, zero_shot
@@ -81,8 +82,18 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) ->
     return out
 
 
-def simulate(cfg: SimConfig, out: Path) -> dict:
+def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dict:
+    """Run the arms and write ``out/report.json`` and ``out/report.md``.
+
+    With ``cache_dir``, the silo-only SLMs, the judge, the untouched LLM's figures and the
+    ZeroGen baseline are reused from earlier runs with the same config parts (a study's arms).
+    """
     out.mkdir(parents=True, exist_ok=True)
+    cache = ArtefactCache(cache_dir)
+    c = as_dict(cfg)
+    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"])
+    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
+    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"])
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     task = load_task(cfg.task)
@@ -97,8 +108,8 @@ def simulate(cfg: SimConfig, out: Path) -> dict:
     local: dict[str, SLM] = {}
     for i, silo in enumerate(tqdm(split.silos, desc="silo-only SLMs", disable=None)):
         arch = cfg.archs[i % len(cfg.archs)]
-        slm, info = train_selected(arch, task.label_names, _pair(silo.train), _pair(silo.val), slm_cfg,
-                                   desc=f"{silo.name} local")
+        slm, info = cache.slm(f"local-{silo.name}", base_key, lambda: train_selected(
+            arch, task.label_names, _pair(silo.train), _pair(silo.val), slm_cfg, desc=f"{silo.name} local"))
         local[silo.name] = slm
         report["silos"][silo.name] = {
             "arch": arch, "n_private": len(silo.train) + len(silo.val), "n_train": len(silo.train),
@@ -110,16 +121,18 @@ def simulate(cfg: SimConfig, out: Path) -> dict:
     t = time.perf_counter()
     llm = load_llm(cfg.llm)
     docs = general_corpus(cfg.eval.n_ppl_docs)
-    judge = train_judge(task, split, cfg)
-    before = llm_snapshot(llm, task, split, docs, cfg)
-    on_before = judged_generations(llm, task, judge, cfg, seed=cfg.seed + 1)
+    judge, _ = cache.slm("judge", llm_key, lambda: (train_judge(task, split, cfg), {}))
+    before = cache.json("llm-before", llm_key, lambda: {
+        **llm_snapshot(llm, task, split, docs, cfg),
+        "on_label": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 1)})
     report["llm"] = {"acc_before": before["acc"], "pred_rate_before": before["pred_rate"],
-                     "ppl_before": before["ppl"], "on_label_before": on_before}
+                     "ppl_before": before["ppl"], "on_label_before": before["on_label"]}
     report["timing"]["llm_eval_before_s"] = time.perf_counter() - t
 
     if cfg.zerogen:
         t = time.perf_counter()
-        report["baselines"]["zerogen"] = zerogen_baseline(llm, task, split, local, cfg)
+        report["baselines"]["zerogen"] = cache.json("zerogen", zerogen_key,
+                                                    lambda: zerogen_baseline(llm, task, split, local, cfg))
         report["timing"]["zerogen_s"] = time.perf_counter() - t
 
     latest = dict(local)

@@ -100,3 +100,42 @@ answer_prefix = "sentiment :"
 @pytest.fixture()
 def toy_task_path(tmp_path) -> Path:
     return write_task(tmp_path)
+
+
+@pytest.fixture()
+def tiny_sim_config(tmp_path, tiny_llm_dir, tiny_slm_dir, toy_task_path) -> Path:
+    """A simulate config on tiny random models and the toy 3-label task (seconds to run)."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f'''
+task = "{toy_task_path}"
+rounds = 2
+archs = ["{tiny_slm_dir}"]
+[split]
+n_silos = 2
+n_private = 24
+n_test = 12
+n_llm_test = 12
+n_judge = 30
+alpha = 0.5
+min_per_label = 1
+[llm]
+model = "{tiny_llm_dir}"
+target_modules = ["q_proj", "v_proj"]
+[round.generate]
+per_label = 4
+batch_size = 6
+max_new_tokens = 12
+[round.update]
+batch_size = 4
+[round.filter]
+min_words = 1
+[round.slm]
+lrs = [1e-3]
+max_epochs = 2
+[eval]
+n_ppl_docs = 2
+ppl_max_tokens = 32
+judge_per_label = 2
+judge_arch = "{tiny_slm_dir}"
+''')
+    return cfg

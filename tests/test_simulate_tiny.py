@@ -6,40 +6,8 @@ from crosslm_server.cli import main
 from crosslm_server.report import check_schema
 
 
-def test_simulate_tiny_writes_complete_report(tmp_path, tiny_llm_dir, tiny_slm_dir, toy_task_path):
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(f'''
-task = "{toy_task_path}"
-rounds = 2
-archs = ["{tiny_slm_dir}"]
-[split]
-n_silos = 2
-n_private = 24
-n_test = 12
-n_llm_test = 12
-n_judge = 30
-alpha = 0.5
-min_per_label = 1
-[llm]
-model = "{tiny_llm_dir}"
-target_modules = ["q_proj", "v_proj"]
-[round.generate]
-per_label = 4
-batch_size = 6
-max_new_tokens = 12
-[round.update]
-batch_size = 4
-[round.filter]
-min_words = 1
-[round.slm]
-lrs = [1e-3]
-max_epochs = 2
-[eval]
-n_ppl_docs = 2
-ppl_max_tokens = 32
-judge_per_label = 2
-judge_arch = "{tiny_slm_dir}"
-''')
+def test_simulate_tiny_writes_complete_report(tmp_path, tiny_sim_config):
+    cfg = tiny_sim_config
     out = tmp_path / "out"
     assert main(["simulate", "--config", str(cfg), "--out", str(out), "--seed", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
