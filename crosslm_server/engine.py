@@ -1,0 +1,113 @@
+"""The real CrossLM engine behind the server's worker: one round per submission on the hosted LLM.
+
+It loads the LLM once (in a background thread, so the server answers health checks while it
+loads), restores the current adapter version, and for each request runs
+:func:`crosslm_server.round.run_round` with the submitter's SLM and the latest SLM of every silo
+on the task, saves the enhanced SLM for the worker to bundle and a new adapter version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from crosslm_server.adapters import AdapterStore
+from crosslm_server.config import load_config
+from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
+from crosslm_server.llm import LLM, load_llm
+from crosslm_server.round import run_round
+from crosslm_shared.errors import ConfigError, PreconditionError
+from crosslm_shared.slm import load_slm
+from crosslm_shared.tasks import TaskSpec, load_task
+
+log = logging.getLogger(__name__)
+
+
+class CrossLMEngine:
+    """Options (``[engine.options]`` in the server TOML):
+
+    - ``config``: a simulate-style TOML whose ``[llm]`` and ``[round.*]`` sections apply here;
+    - ``tasks``: task names or TOML paths this server accepts (default the config's task);
+    - ``adapters_dir``: where adapter versions live (default ``crosslm-data/adapters``);
+    - ``set``: overrides like ``round.update.gamma_kl=0``;
+    - ``background``: load the LLM in a thread (default true).
+    """
+
+    def __init__(self, *, config: str | None = None, tasks: list[str] | None = None,
+                 adapters_dir: str = "crosslm-data/adapters", set: list[str] | None = None,  # noqa: A002
+                 background: bool = True, seed: int = 0):
+        self.cfg = load_config(config, list(set or []))
+        names = tasks or [self.cfg.task]
+        self.tasks: dict[str, TaskSpec] = {}
+        for name in names:
+            spec = load_task(name)
+            self.tasks[spec.name] = spec
+        self.adapters = AdapterStore(adapters_dir)
+        self.seed = seed
+        self.llm: LLM | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        if background:
+            threading.Thread(target=self._load, name="crosslm-llm-load", daemon=True).start()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            llm = load_llm(self.cfg.llm)
+            current = self.adapters.current()
+            if current is not None:
+                llm.load_adapter(current.path)
+                log.info("restored LLM adapter version %d (%s)", current.version, current.path)
+            self.llm = llm
+        except Exception as e:  # the reason surfaces through /readyz
+            self.error = f"LLM failed to load: {e}"
+            log.exception("LLM failed to load")
+
+    def ready(self) -> bool:
+        return self.llm is not None
+
+    def status(self) -> str:
+        return "ready" if self.llm else (self.error or "loading the LLM")
+
+    def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
+        if self.llm is None:
+            raise PreconditionError(f"the engine is not ready: {self.status()}")
+        task = self.tasks.get(request.task)
+        if task is None:
+            raise ConfigError(f"task {request.task!r} is not served here; served: {sorted(self.tasks)}")
+        with self._lock:
+            return self._round(task, request, emit)
+
+    def _round(self, task: TaskSpec, request: RoundRequest, emit: Emit) -> RoundOutcome:
+        submitter = load_slm(request.slm_dir)
+        if submitter.labels != task.label_names:
+            raise ConfigError(f"the SLM's labels {submitter.labels} do not match task {task.name!r} "
+                              f"labels {task.label_names}")
+        peers = [load_slm(p) for p in request.peer_slm_dirs.values()] or [submitter]
+        rcfg = self.cfg.round
+        applied = self.adapters.for_submission(request.submission_id)
+        if applied is not None:
+            # a rerun after a crash that followed the adapter save: never apply a round twice
+            log.warning("submission %s: adapter v%d already holds this round; regenerating the SLM only",
+                        request.submission_id, applied.version)
+            self.llm.load_adapter(applied.path)
+            rcfg = replace(rcfg, update=replace(rcfg.update, gamma_gen=0.0, gamma_task=0.0, gamma_kl=0.0))
+        seed = self.seed + (int.from_bytes(request.submission_id.encode()[-4:], "little") % 100_000)
+        res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit)
+        out = res.enhanced.save(Path(request.work_dir) / "enhanced")
+        metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
+        metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
+        if applied is None:
+            version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
+                                         task=task.name, metrics=metrics)
+            metrics["adapter_version"] = version.version
+        log.info("silo %s submission %s: kept %d of %d, reward %.3f, kl %.4f", request.silo,
+                 request.submission_id, res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"],
+                 res.metrics["kl"])
+        return RoundOutcome(slm_dir=out, metrics=metrics)
+
+

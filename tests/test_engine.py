@@ -1,0 +1,49 @@
+"""The real engine class (CrossLMEngine) on tiny models, through the worker's contract."""
+
+import pytest
+
+from crosslm_server.engine_api import RoundRequest, create_engine
+from crosslm_shared.slm import load_slm, new_slm
+from crosslm_shared.tasks import load_task
+
+
+@pytest.fixture()
+def engine_setup(tmp_path, tiny_sim_config, tiny_slm_dir, toy_task_path):
+    task = load_task(toy_task_path)
+    slm_dir = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "submitted")
+    engine = create_engine("crosslm", {"config": str(tiny_sim_config), "tasks": [str(toy_task_path)],
+                                       "adapters_dir": str(tmp_path / "adapters"), "background": False})
+    return engine, task, slm_dir
+
+
+def _request(tmp_path, slm_dir, sid="sub-1", task="toy"):
+    work = tmp_path / f"work-{sid}"
+    work.mkdir()
+    return RoundRequest(submission_id=sid, silo="a", task=task, slm_dir=slm_dir,
+                        peer_slm_dirs={"a": slm_dir}, work_dir=work)
+
+
+def test_round_returns_enhanced_slm_and_saves_one_adapter_version(tmp_path, engine_setup):
+    engine, task, slm_dir = engine_setup
+    assert engine.ready()
+    events = []
+    out = engine.run_round(_request(tmp_path, slm_dir), lambda kind, fields: events.append(kind))
+    assert load_slm(out.slm_dir).labels == task.label_names
+    assert {"generating", "scoring", "training_llm", "training_slm"} <= set(events)
+    assert out.metrics["adapter_version"] == 1 and out.metrics["generated"] > 0
+    # the same submission again (a rerun after a crash): the adapter is not updated twice
+    rerun = RoundRequest("sub-1", "a", "toy", slm_dir, {"a": slm_dir}, tmp_path / "work-rerun")
+    again = engine.run_round(rerun, lambda *_: None)
+    assert "adapter_version" not in again.metrics
+    assert [v.version for v in engine.adapters.versions()] == [1]
+
+
+def test_unknown_task_and_mismatched_labels_are_refused(tmp_path, engine_setup, tiny_slm_dir):
+    from crosslm_shared.errors import ConfigError
+
+    engine, task, slm_dir = engine_setup
+    with pytest.raises(ConfigError, match="not served"):
+        engine.run_round(_request(tmp_path, slm_dir, task="other"), lambda *_: None)
+    wrong = new_slm(str(tiny_slm_dir), ["x", "y"]).save(tmp_path / "wrong")
+    with pytest.raises(ConfigError, match="do not match"):
+        engine.run_round(_request(tmp_path, wrong, sid="sub-2"), lambda *_: None)
