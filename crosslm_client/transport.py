@@ -121,10 +121,10 @@ class CrossLMClient:
         def attempt() -> None:
             held = self.query_upload(upload_id)
             committed, complete = held if held else ({}, False)
-            if complete:
-                return
-            status = self.stub.Upload(self._upload_messages(folder, manifest, upload_id, committed, on_chunk),
-                                      metadata=self._metadata)
+            # When the server says complete, a header-only stream still lets it confirm that
+            # this id was registered with this very manifest (ALREADY_EXISTS otherwise).
+            messages = self._upload_messages(folder, manifest, upload_id, committed, on_chunk)
+            status = self.stub.Upload(_only_first(messages) if complete else messages, metadata=self._metadata)
             if not status.complete:
                 raise TransportError(f"upload {upload_id} ended incomplete: "
                                      f"{convert.upload_status_from_pb(status)[0]}")
@@ -203,3 +203,7 @@ class CrossLMClient:
                 part.finish()
             self._retrying(f"download {submission_id}/{entry.name}", attempt)
         return dest
+
+
+def _only_first(messages: Iterator[pb.UploadRequest]) -> Iterator[pb.UploadRequest]:
+    yield next(messages)

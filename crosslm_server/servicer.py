@@ -21,6 +21,7 @@ from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_server.metrics import Metrics
 from crosslm_server.service import CrossLMService, InvalidRequestError, UnauthenticatedError
+from crosslm_server.store import UploadConflictError
 
 log = logging.getLogger(__name__)
 SILO_METADATA_KEY = "x-crosslm-silo"
@@ -31,6 +32,7 @@ STATUS_OF: tuple[tuple[type[CrossLMError], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UploadConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (AssetMissingError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -15,12 +15,12 @@ from dataclasses import replace
 from typing import Any
 
 from crosslm_shared.bundle import Manifest
-from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError
+from crosslm_shared.errors import CrossLMError, NotFoundError, PermissionDeniedError, PreconditionError
 from crosslm_shared.records import Event, Submission, Upload
 
 
-class UploadConflictError(PreconditionError):
-    """An upload id is reused with a different manifest (FAILED_PRECONDITION)."""
+class UploadConflictError(CrossLMError):
+    """An upload id is reused with a different manifest (ALREADY_EXISTS)."""
 
 
 def conflict_message(upload_id: str) -> str:

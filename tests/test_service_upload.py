@@ -1,0 +1,173 @@
+"""Uploads and downloads over real localhost gRPC: resume, idempotency, rejection, offsets."""
+import hashlib
+import json
+import os
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crosslm_client.transport import CrossLMClient, RetryPolicy, TransportError
+from crosslm_shared import convert
+from crosslm_shared.bundle import FileEntry, make_manifest
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
+from crosslm_shared.transfer import MIN_CHUNK_SIZE, crc32c
+from service_helpers import LABELS, address, server_config, start_server, tiny_bundle
+
+CHUNK = MIN_CHUNK_SIZE
+FAST = RetryPolicy(initial_s=0.01, max_s=0.05, max_attempts=5)
+META = (("x-crosslm-silo", "a"),)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server(server_config(tmp_path_factory.mktemp("server"), engine_options={"steps": 1}))
+    yield s
+    s.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def big_bundle(tmp_path_factory):
+    """A bundle whose weights span several chunks (a valid header; the engine never loads it)."""
+    root = tmp_path_factory.mktemp("big")
+    folder, _ = tiny_bundle(root)
+    save_file({"w": torch.randn(7 * CHUNK // 4 + 5)}, str(folder / "model.safetensors"))
+    return folder, make_manifest(folder, task="rt", silo="a", arch="tiny", labels=LABELS)
+
+
+def stub(server):
+    return pb_grpc.CrossLMStub(grpc.insecure_channel(address(server)))
+
+
+def bytes_in(server) -> float:
+    return server.metrics.bytes_in._value.get()
+
+
+def test_cut_upload_resumes_from_committed_offset(server, big_bundle):
+    folder, manifest = big_bundle
+    client = CrossLMClient(address(server), "a", chunk_size=CHUNK, retry=FAST)
+    sent = []
+
+    def cut_after_three(chunk):
+        sent.append(chunk)
+        if len(sent) == 4:
+            client.channel.close()  # the test hook: drop the connection mid-file
+
+    before = bytes_in(server)
+    client.upload(folder, manifest, "a-resume-0001", on_chunk=cut_after_three)
+    received = bytes_in(server) - before
+    assert received <= manifest.total_size + CHUNK, "server re-received more than one chunk"
+    committed, complete = client.query_upload("a-resume-0001")
+    assert complete and committed == {f.name: f.size for f in manifest.files}
+    held = server.service.bundle_dir("a-resume-0001")
+    assert hashlib.sha256((held / "model.safetensors").read_bytes()).hexdigest() == manifest.file("model.safetensors").sha256
+    client.close()
+
+
+def test_same_upload_id_twice_does_no_work(server, tmp_path):
+    folder, manifest = tiny_bundle(tmp_path)
+    with CrossLMClient(address(server), "a", retry=FAST) as client:
+        client.upload(folder, manifest, "a-twice-0001")
+        before = bytes_in(server)
+        status = stub(server).Upload(iter([pb.UploadRequest(header=pb.UploadHeader(
+            upload_id="a-twice-0001", manifest=convert.manifest_to_pb(manifest)))]), metadata=META)
+        assert status.complete and bytes_in(server) == before
+        client.upload(folder, manifest, "a-twice-0001")
+        assert bytes_in(server) == before
+        other = replace(manifest, heldout_accuracy=0.99)
+        with pytest.raises(TransportError, match="ALREADY_EXISTS.*new upload id"):
+            client.upload(folder, other, "a-twice-0001")
+
+
+def test_sha_mismatch_is_rejected_and_leaves_nothing(server, tmp_path):
+    folder, manifest = tiny_bundle(tmp_path)
+    bad = replace(manifest, files=tuple(replace(f, sha256="0" * 64) if f.name == "config.json" else f
+                                        for f in manifest.files))
+    with CrossLMClient(address(server), "a", retry=FAST) as client:
+        with pytest.raises(TransportError, match="INVALID_ARGUMENT.*SHA-256"):
+            client.upload(folder, bad, "a-badsha-001")
+        assert client.query_upload("a-badsha-001") is None
+    assert not (server.service.data_dir / "uploads" / "a-badsha-001").exists()
+    assert not server.service.bundle_dir("a-badsha-001").exists()
+
+
+def test_bad_bundle_content_is_rejected_and_leaves_nothing(server, tmp_path):
+    folder, _ = tiny_bundle(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"auto_map": {"AutoModel": "x.Y"}}))
+    manifest = make_manifest(folder, task="rt", silo="a", arch="tiny", labels=LABELS)
+    with CrossLMClient(address(server), "a", retry=FAST) as client:
+        with pytest.raises(TransportError, match="INVALID_ARGUMENT.*auto_map"):
+            client.upload(folder, manifest, "a-automa-001")
+        assert client.query_upload("a-automa-001") is None
+    assert not (server.service.data_dir / "uploads" / "a-automa-001").exists()
+
+
+def test_protocol_errors_have_codes_and_hints(server, tmp_path):
+    folder, manifest = tiny_bundle(tmp_path)
+    s = stub(server)
+    header = pb.UploadRequest(header=pb.UploadHeader(upload_id="a-proto-0001", manifest=convert.manifest_to_pb(manifest)))
+    with pytest.raises(grpc.RpcError) as e:
+        s.Upload(iter([header]))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "x-crosslm-silo" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.Upload(iter([pb.UploadRequest(chunk=pb.Chunk(file="config.json"))]), metadata=META)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UploadHeader" in e.value.details()
+    data = (folder / "config.json").read_bytes()
+    corrupt = pb.UploadRequest(chunk=pb.Chunk(file="config.json", offset=0, data=data, crc32c=crc32c(data) ^ 1))
+    with pytest.raises(grpc.RpcError) as e:
+        s.Upload(iter([header, corrupt]), metadata=META)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "CRC" in e.value.details()
+    skip = pb.UploadRequest(chunk=pb.Chunk(file="config.json", offset=5, data=data, crc32c=crc32c(data)))
+    with pytest.raises(grpc.RpcError) as e:
+        s.Upload(iter([header, skip]), metadata=META)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "resume from 0" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.QueryUpload(pb.QueryUploadRequest(upload_id="nope-00000"), metadata=META)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    evil = replace(manifest, files=manifest.files + (FileEntry("pytorch_model.bin", 1, "0" * 64),))
+    with pytest.raises(grpc.RpcError) as e:
+        s.Upload(iter([pb.UploadRequest(header=pb.UploadHeader(upload_id="a-proto-0002",
+                                                               manifest=convert.manifest_to_pb(evil)))]), metadata=META)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not allowed" in e.value.details()
+
+
+def test_oversized_bundle_is_resource_exhausted(tmp_path):
+    s = start_server(server_config(tmp_path / "srv", max_bundle_bytes=1000))
+    try:
+        folder, manifest = tiny_bundle(tmp_path)
+        with CrossLMClient(address(s), "a", retry=FAST) as client:
+            with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED|attempts"):
+                client.upload(folder, manifest, "a-huge-00001")
+    finally:
+        s.stop(grace=1)
+
+
+def test_download_from_an_offset(server, big_bundle, tmp_path):
+    folder, manifest = big_bundle
+    small, small_manifest = tiny_bundle(tmp_path)
+    with CrossLMClient(address(server), "a", retry=FAST) as client:
+        client.upload(small, small_manifest, "a-dl-000001")
+        sub = client.submit("a-dl-000001")
+        list(client.watch(sub.submission_id))
+        result = client.get_submission(sub.submission_id).result
+        entry = result.file("model.safetensors")
+        whole = b"".join(m.data for m in stub(server).Download(pb.DownloadRequest(
+            submission_id=sub.submission_id, file=entry.name), metadata=META))
+        tail = list(stub(server).Download(pb.DownloadRequest(
+            submission_id=sub.submission_id, file=entry.name, offset=1000), metadata=META))
+        assert tail[0].offset == 1000 and b"".join(m.data for m in tail) == whole[1000:]
+        assert hashlib.sha256(whole).hexdigest() == entry.sha256
+        # a partial file on the silo's side resumes where it stopped
+        dest = tmp_path / "dl"
+        dest.mkdir()
+        (dest / "model.safetensors.part").write_bytes(whole[:777])
+        client.download(sub.submission_id, result, dest)
+        assert (dest / "model.safetensors").read_bytes() == whole
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub(server).Download(pb.DownloadRequest(submission_id=sub.submission_id, file=entry.name,
+                                                          offset=entry.size + 1), metadata=META))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
