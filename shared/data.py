@@ -1,0 +1,244 @@
+"""Load a task's labelled data and split it the way cross-silo holders of scarce data hold it.
+
+One pool of unique examples is cut, with a seed, into disjoint parts: a shared test set for
+the LLM, a pool for the independent judge (data no silo holds, used only for evaluation),
+and per silo a private set (IID or label-skewed by a Dirichlet draw), split into train and a
+held-out validation part, plus a test split for reporting. Validation data is used for
+every selection (hyperparameters, temperature, keep-if-better); test data for nothing but
+the figures.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from crosslm_shared.assets import package_file
+from crosslm_shared.errors import ConfigError, DataError
+from crosslm_shared.tasks import DataSource, TaskSpec
+
+
+@dataclass(frozen=True)
+class Examples:
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def label_counts(self, num_labels: int) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=num_labels).tolist()
+
+    def subset(self, idx) -> "Examples":
+        return Examples(tuple(self.texts[i] for i in idx), tuple(self.labels[i] for i in idx))
+
+    def __add__(self, other: "Examples") -> "Examples":
+        return Examples(self.texts + other.texts, self.labels + other.labels)
+
+
+@dataclass(frozen=True)
+class SiloData:
+    name: str
+    train: Examples
+    val: Examples
+    test: Examples
+
+
+@dataclass(frozen=True)
+class Split:
+    silos: tuple[SiloData, ...]
+    llm_test: Examples
+    judge_train: Examples
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the task's pool is cut (see module docstring)."""
+
+    n_silos: int = 4
+    n_private: int = 128  # private examples per silo (train + val)
+    val_fraction: float = 0.25
+    n_test: int = 300  # reporting test examples per silo
+    n_llm_test: int = 400
+    n_judge: int = 1000
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
+    min_per_label: int = 2
+
+    def __post_init__(self) -> None:
+        if self.partition not in ("iid", "dirichlet"):
+            raise ConfigError(f"split.partition = {self.partition!r}; use 'iid' or 'dirichlet'")
+        if self.n_silos < 1:
+            raise ConfigError(f"split.n_silos = {self.n_silos}; need at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"split.val_fraction = {self.val_fraction}; must be in (0, 1)")
+        if self.alpha <= 0:
+            raise ConfigError(f"split.alpha = {self.alpha}; must be > 0")
+        if self.n_private < 4:
+            raise ConfigError(f"split.n_private = {self.n_private}; need at least 4")
+
+
+def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+    if path.suffix == ".bz2":
+        return io.TextIOWrapper(bz2.open(path), encoding=encoding, newline="")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path), encoding=encoding, newline="")
+    return open(path, encoding=encoding, newline="")
+
+
+def source_path(source: DataSource) -> Path:
+    if source.path:
+        path = Path(source.path)
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist")
+        return path
+    return package_file(source.package, source.file)
+
+
+def iter_records(source: DataSource) -> Iterator[tuple[str, str]]:
+    """Yield (text, raw label) pairs; a malformed line raises DataError naming file and line."""
+    path = source_path(source)
+    with _open_text(path, source.encoding) as fh:
+        if source.format in ("csv", "tsv"):
+            reader = csv.DictReader(fh, delimiter="\t" if source.format == "tsv" else ",")
+            missing = {source.text_field, source.label_field} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: header {reader.fieldnames} lacks the column(s) {sorted(missing)}")
+            for row in reader:
+                yield row[source.text_field] or "", (row[source.label_field] or "").strip()
+        elif source.format == "jsonl":
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    yield str(row[source.text_field]), str(row[source.label_field]).strip()
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(
+                        f"{path}, line {lineno}: expected a JSON object with "
+                        f"{source.text_field!r} and {source.label_field!r} ({e})"
+                    ) from e
+        else:  # label_prefix: "LABEL<sep>sub text"
+            for lineno, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                head, _, text = line.partition(" ")
+                if source.label_sep not in head or not text:
+                    raise DataError(f"{path}, line {lineno}: expected 'LABEL{source.label_sep}... text', got {line[:60]!r}")
+                yield text, head.split(source.label_sep, 1)[0]
+
+
+def load_examples(task: TaskSpec) -> Examples:
+    """All usable examples of the task, labels as indices into ``task.labels``; deduplicated by text."""
+    index = {name: i for i, name in enumerate(task.label_names)}
+    mapping = task.data.label_map or {name: name for name in task.label_names}
+    unknown = set(mapping.values()) - set(index)
+    if unknown:
+        raise ConfigError(f"task {task.name!r}: data.label_map maps to unknown labels {sorted(unknown)}")
+    seen: set[str] = set()
+    texts: list[str] = []
+    labels: list[int] = []
+    for text, raw in iter_records(task.data):
+        text = " ".join(text.split())
+        if raw not in mapping or not text:
+            continue
+        key = text.lower()
+        if task.data.dedup and key in seen:
+            continue
+        seen.add(key)
+        texts.append(text)
+        labels.append(index[mapping[raw]])
+    if not texts:
+        raise DataError(f"task {task.name!r}: no usable examples in {source_path(task.data)}")
+    return Examples(tuple(texts), tuple(labels))
+
+
+def _take(pool: list[int], n: int) -> list[int]:
+    if n > len(pool):
+        raise ConfigError(f"the split asks for {n} more examples but only {len(pool)} are left; lower the counts")
+    out = pool[:n]
+    del pool[:n]
+    return out
+
+
+def _dirichlet_counts(rng: np.random.Generator, n: int, k: int, alpha: float, min_per_label: int) -> list[int]:
+    base = [min_per_label] * k
+    rest = n - min_per_label * k
+    if rest < 0:
+        raise ConfigError(f"split.n_private = {n} is smaller than min_per_label * labels = {min_per_label * k}")
+    p = rng.dirichlet([alpha] * k)
+    extra = rng.multinomial(rest, p)
+    return [b + int(e) for b, e in zip(base, extra)]
+
+
+def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: int) -> Split:
+    """Cut ``examples`` into disjoint LLM-test, judge and per-silo parts (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples)).tolist()
+    llm_test = examples.subset(_take(order, cfg.n_llm_test))
+    judge = examples.subset(_take(order, cfg.n_judge))
+    by_label: list[list[int]] = [[] for _ in range(num_labels)]
+    for i in order:
+        by_label[examples.labels[i]].append(i)
+    silos = []
+    for s in range(cfg.n_silos):
+        test_idx = _take(order, cfg.n_test)
+        for i in test_idx:
+            by_label[examples.labels[i]].remove(i)
+        if cfg.partition == "iid":
+            private_idx = _take(order, cfg.n_private)
+            for i in private_idx:
+                by_label[examples.labels[i]].remove(i)
+        else:
+            counts = _dirichlet_counts(rng, cfg.n_private, num_labels, cfg.alpha, cfg.min_per_label)
+            private_idx = []
+            for lab, c in enumerate(counts):
+                if c > len(by_label[lab]):
+                    raise ConfigError(f"silo {s} needs {c} examples of label {lab}; only {len(by_label[lab])} are left; lower split.n_private or raise split.alpha")
+                private_idx += by_label[lab][:c]
+                del by_label[lab][:c]
+            taken = set(private_idx)
+            order[:] = [i for i in order if i not in taken]
+        private = examples.subset(private_idx)
+        train_idx, val_idx = _stratified_cut(private.labels, cfg.val_fraction, rng)
+        silos.append(SiloData(
+            name=f"silo{s + 1}",
+            train=private.subset(train_idx),
+            val=private.subset(val_idx),
+            test=examples.subset(test_idx),
+        ))
+    return Split(silos=tuple(silos), llm_test=llm_test, judge_train=judge)
+
+
+def _stratified_cut(labels, fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Hold out ``fraction`` of each label (at least one where a label has two or more)."""
+    train, val = [], []
+    for lab in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == lab]
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val += idx[:n_val]
+        train += idx[n_val:]
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
+
+
+def shuffled(examples: Examples, seed: int) -> Examples:
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    return examples.subset(idx)

@@ -1,0 +1,232 @@
+"""Small language models (SLMs): the silos' sequence classifiers.
+
+Both sides use this module: a silo trains and evaluates its SLM on private data, the
+server scores synthetic texts with it and fine-tunes it on the kept synthetic set. An SLM
+travels as a ``save_pretrained`` folder plus ``crosslm.json`` (labels, architecture,
+calibration temperature); no pickle anywhere.
+
+Every arm of every comparison trains through :func:`train_selected`, so the silo-only
+baseline gets the same hyperparameter selection on the silo's validation split as CrossLM
+(an under-trained baseline fakes a gain: DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from crosslm_shared import assets
+from crosslm_shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "crosslm.json"
+ARCHS = {
+    # name -> (folder finder, config overrides)
+    "minilm": (assets.minilm_dir, {}),
+    "mpnet4": (assets.mpnet_dir, {"num_hidden_layers": 4}),
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class SLMTrainConfig:
+    """How an SLM is trained; the same for every arm of a comparison."""
+
+    lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4)  # grid searched on the validation split
+    max_epochs: int = 4  # the best epoch (by validation accuracy) is kept
+    batch_size: int = 16
+    max_length: int = 64
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ConfigError(f"slm.lrs = {self.lrs}; give one or more positive learning rates")
+        if self.max_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("slm.max_epochs and slm.batch_size must be >= 1")
+
+
+@dataclass
+class SLM:
+    """A sequence classifier with its tokenizer, label names and calibration temperature."""
+
+    model: nn.Module
+    tokenizer: object
+    labels: list[str]
+    arch: str
+    temperature: float = 1.0
+    info: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        dev = next(self.model.parameters()).device
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                                 max_length=max_length, return_tensors="pt").to(dev)
+            out.append(self.model(**enc).logits.float().cpu())
+        if not out:
+            return torch.zeros(0, len(self.labels))
+        return torch.cat(out)
+
+    def predict_proba(self, texts: Sequence[str], *, calibrated: bool = True) -> np.ndarray:
+        """Softmax probabilities, divided by the calibration temperature unless ``calibrated=False``."""
+        t = self.temperature if calibrated else 1.0
+        return torch.softmax(self.logits(texts) / t, dim=-1).numpy()
+
+    def evaluate(self, texts: Sequence[str], labels: Sequence[int]) -> float:
+        if not len(texts):
+            return float("nan")
+        pred = self.logits(texts).argmax(-1).numpy()
+        return float((pred == np.asarray(labels)).mean())
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        meta = {"labels": self.labels, "arch": self.arch, "temperature": self.temperature, "info": self.info}
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    def clone(self) -> "SLM":
+        return SLM(copy.deepcopy(self.model), self.tokenizer, list(self.labels), self.arch,
+                   self.temperature, dict(self.info))
+
+
+def new_slm(arch: str, labels: Sequence[str]) -> SLM:
+    """A fresh classifier (new head) from the pretrained encoder ``arch`` or a local folder."""
+    if arch in ARCHS:
+        finder, overrides = ARCHS[arch]
+        folder = finder()
+    elif Path(arch).is_dir():
+        folder, overrides = Path(arch), {}
+    else:
+        raise ConfigError(f"SLM arch {arch!r} is unknown; use one of {sorted(ARCHS)} or a model folder")
+    config = AutoConfig.from_pretrained(folder, num_labels=len(labels), **overrides,
+                                        id2label=dict(enumerate(labels)),
+                                        label2id={n: i for i, n in enumerate(labels)})
+    model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return SLM(model.to(device()), tokenizer, list(labels), arch)
+
+
+def load_slm(path: str | Path) -> SLM:
+    """Load an SLM saved by :meth:`SLM.save` (safetensors only)."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise ConfigError(f"{path} is not an SLM folder: {META_FILE} is missing")
+    meta = json.loads(meta_path.read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return SLM(model.to(device()), tokenizer, list(meta["labels"]), meta.get("arch", "unknown"),
+               float(meta.get("temperature", 1.0)), dict(meta.get("info", {})))
+
+
+def _targets(labels: Sequence[int] | np.ndarray, k: int) -> torch.Tensor:
+    arr = np.asarray(labels)
+    if arr.ndim == 2:
+        return torch.as_tensor(arr, dtype=torch.float32)
+    return torch.nn.functional.one_hot(torch.as_tensor(arr, dtype=torch.long), k).float()
+
+
+def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg: SLMTrainConfig,
+        val: tuple[Sequence[str], Sequence[int]] | None = None, desc: str = "train SLM",
+        progress: Callable[[int, int], None] | None = None) -> dict:
+    """Fine-tune ``slm`` in place on (texts, targets); targets are label ids or soft distributions.
+
+    With ``val``, the state of the epoch with the best validation accuracy is kept (ties go
+    to the later epoch) and returned figures describe it.
+    """
+    if len(texts) == 0:
+        return {"epochs": 0, "val_acc": slm.evaluate(*val) if val else float("nan")}
+    y = _targets(targets, len(slm.labels))
+    dev = next(slm.model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(slm.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    total = steps_per_epoch * epochs
+    warm = max(1, int(total * cfg.warmup_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    best = (-1.0, 0, None)
+    bar = tqdm(total=total, desc=desc, leave=False, disable=None)
+    for epoch in range(1, epochs + 1):
+        slm.model.train()
+        perm = torch.randperm(len(texts), generator=gen).tolist()
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            enc = slm.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
+                                max_length=cfg.max_length, return_tensors="pt").to(dev)
+            logits = slm.model(**enc).logits.float()
+            loss = -(y[idx].to(dev) * torch.log_softmax(logits, -1)).sum(-1).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(slm.model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            if progress:
+                progress(bar.n, total)
+        if val is not None:
+            acc = slm.evaluate(*val)
+            if acc >= best[0]:
+                best = (acc, epoch, {k: v.detach().clone() for k, v in slm.model.state_dict().items()})
+    bar.close()
+    if val is None:
+        return {"epochs": epochs}
+    slm.model.load_state_dict(best[2])
+    return {"epochs": best[1], "val_acc": best[0]}
+
+
+def train_selected(base: str | SLM, labels: Sequence[str], train: tuple[Sequence[str], object],
+                   val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
+                   desc: str = "SLM") -> tuple[SLM, dict]:
+    """Train from ``base`` (an arch name, or an SLM to continue from) once per learning rate in
+    the grid and return the model with the best validation accuracy, calibrated on ``val``."""
+    best: tuple[float, SLM | None, dict] = (-1.0, None, {})
+    for lr in cfg.lrs:
+        torch.manual_seed(cfg.seed)
+        slm = base.clone() if isinstance(base, SLM) else new_slm(base, labels)
+        info = fit(slm, train[0], train[1], lr=lr, epochs=cfg.max_epochs, cfg=cfg, val=val,
+                   desc=f"{desc} lr={lr:g}")
+        log.debug("%s lr=%g -> val acc %.3f (epoch %d)", desc, lr, info["val_acc"], info["epochs"])
+        if info["val_acc"] > best[0]:
+            best = (info["val_acc"], slm, {"lr": lr, **info})
+    slm = best[1]
+    slm.temperature = calibrate_temperature(slm, *val)
+    slm.info = {**best[2], "temperature": slm.temperature}
+    return slm, slm.info
+
+
+def calibrate_temperature(slm: SLM, texts: Sequence[str], labels: Sequence[int]) -> float:
+    """Temperature scaling (Guo et al. 2017): the T in [0.05, 20] minimising NLL on held-out data.
+
+    Small-data SLMs are underconfident (DESIGN.md §2, step 4); without calibration their scores
+    crowd around 1/K and no absolute threshold separates good samples from bad.
+    """
+    if len(texts) < 2:
+        return 1.0
+    logits = slm.logits(texts)
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    grid = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 121))
+    nll = torch.stack([nn.functional.cross_entropy(logits / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
