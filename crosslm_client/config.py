@@ -62,15 +62,18 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    epochs: int = 3                      # epochs on the private training split
-    lr: float = 2e-4                     # learning rate (tuned on held-out in the real SLM trainer)
+    epochs: int = 4                      # most epochs on the private split (the best epoch on held-out is kept)
+    lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4)  # learning rates tried; the best on held-out wins (tiny: the first)
     batch_size: int = 16                 # batch size
     continue_epochs: int = 1             # epochs on private data after an enhanced SLM comes back (0 = none)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.continue_epochs < 0 or not self.lr > 0:
-            raise _bad("train", "epochs/lr/batch_size/continue_epochs",
-                       (self.epochs, self.lr, self.batch_size, self.continue_epochs), "positive values")
+        object.__setattr__(self, "lrs", tuple(float(x) for x in self.lrs))
+        if self.epochs < 1 or self.batch_size < 1 or self.continue_epochs < 0:
+            raise _bad("train", "epochs/batch_size/continue_epochs",
+                       (self.epochs, self.batch_size, self.continue_epochs), "epochs, batch_size >= 1; continue_epochs >= 0")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise _bad("train", "lrs", list(self.lrs), "one or more positive learning rates")
 
 
 @dataclass(frozen=True)

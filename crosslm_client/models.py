@@ -34,13 +34,17 @@ def train_new(config: SiloConfig, train: Examples, held: Examples, *, work_dir: 
 
         model = new_tiny_slm(labels, seed=config.silo.seed, tokenizer_dir=work_dir / "tokenizer")
         with tqdm(total=len(train[0]) * t.epochs, desc=f"training {config.silo.name}", unit="ex") as bar:
-            model.train(*train, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, progress=bar)
+            model.train(*train, epochs=t.epochs, lr=t.lrs[0], batch_size=t.batch_size, progress=bar)
         return model
     slm = _slm_module()
-    model, _info = slm.train_selected(config.silo.arch, labels, train, held,
-                                      {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
-                                       "seed": config.silo.seed})
+    model, _info = slm.train_selected(config.silo.arch, labels, train, held, _train_cfg(slm, config, t.epochs),
+                                      desc=f"{config.silo.name} SLM")
     return model
+
+
+def _train_cfg(slm, config: SiloConfig, epochs: int):
+    t = config.train
+    return slm.SLMTrainConfig(lrs=t.lrs, max_epochs=epochs, batch_size=t.batch_size, seed=config.silo.seed)
 
 
 def continue_training(config: SiloConfig, model: Any, train: Examples, held: Examples) -> Any:
@@ -49,12 +53,11 @@ def continue_training(config: SiloConfig, model: Any, train: Examples, held: Exa
     if t.continue_epochs == 0:
         return model
     if config.silo.arch == "tiny":
-        model.train(*train, epochs=t.continue_epochs, lr=t.lr, batch_size=t.batch_size)
+        model.train(*train, epochs=t.continue_epochs, lr=t.lrs[0], batch_size=t.batch_size)
         return model
     slm = _slm_module()
     model, _info = slm.train_selected(model, list(config.silo.labels), train, held,
-                                      {"epochs": t.continue_epochs, "lr": t.lr, "batch_size": t.batch_size,
-                                       "seed": config.silo.seed})
+                                      _train_cfg(slm, config, t.continue_epochs), desc=f"{config.silo.name} SLM")
     return model
 
 
