@@ -23,7 +23,7 @@ from crosslm_shared.errors import CrossLMError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.records import TERMINAL_EVENTS, Event, Submission
-from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, Chunk, PartialFile, iter_chunks
+from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, Chunk, IdleWatchdog, PartialFile, iter_chunks
 
 log = logging.getLogger(__name__)
 SILO_METADATA_KEY = "x-crosslm-silo"
@@ -56,8 +56,9 @@ class RetryPolicy:
 class CrossLMClient:
     def __init__(self, address: str, silo: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_message_bytes: int = 6 * 1024 * 1024, retry: RetryPolicy = RetryPolicy(),
-                 keepalive_s: int = 30):
+                 keepalive_s: int = 30, idle_timeout_s: float = 120.0):
         self.address, self.silo, self.chunk_size, self.retry = address, silo, chunk_size, retry
+        self.idle_timeout_s = idle_timeout_s
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.keepalive_time_ms", keepalive_s * 1000),
@@ -90,7 +91,7 @@ class CrossLMClient:
         while True:
             try:
                 return attempt()
-            except (grpc.RpcError, ValueError) as e:
+            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as e:
                 code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.CANCELLED
                 detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
                 if code not in RETRYABLE | also_retry:
@@ -124,7 +125,14 @@ class CrossLMClient:
             # When the server says complete, a header-only stream still lets it confirm that
             # this id was registered with this very manifest (ALREADY_EXISTS otherwise).
             messages = self._upload_messages(folder, manifest, upload_id, committed, on_chunk)
-            status = self.stub.Upload(_only_first(messages) if complete else messages, metadata=self._metadata)
+            calls: list[grpc.Future] = []
+            watchdog = IdleWatchdog(self.idle_timeout_s, lambda: [c.cancel() for c in calls])
+            try:
+                calls.append(self.stub.Upload.future(_kicking(_only_first(messages) if complete else messages,
+                                                              watchdog), metadata=self._metadata))
+                status = calls[0].result()
+            finally:
+                watchdog.close()
             if not status.complete:
                 raise TransportError(f"upload {upload_id} ended incomplete: "
                                      f"{convert.upload_status_from_pb(status)[0]}")
@@ -198,11 +206,20 @@ class CrossLMClient:
                 if not part.done:
                     stream = self.stub.Download(pb.DownloadRequest(submission_id=submission_id, file=entry.name,
                                                                    offset=part.committed), metadata=self._metadata)
-                    for msg in stream:
-                        part.write(convert.chunk_from_pb(msg), sync=False)
+                    with IdleWatchdog(self.idle_timeout_s, stream.cancel) as watchdog:
+                        for msg in stream:
+                            watchdog.kick()
+                            part.write(convert.chunk_from_pb(msg), sync=False)
                 part.finish()
             self._retrying(f"download {submission_id}/{entry.name}", attempt)
         return dest
+
+
+def _kicking(messages: Iterator[pb.UploadRequest], watchdog: IdleWatchdog) -> Iterator[pb.UploadRequest]:
+    """Kick the idle watchdog whenever gRPC takes the next message (i.e. the link moves)."""
+    for message in messages:
+        watchdog.kick()
+        yield message
 
 
 def _only_first(messages: Iterator[pb.UploadRequest]) -> Iterator[pb.UploadRequest]:

@@ -135,7 +135,8 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
                ("grpc.keepalive_permit_without_calls", 1)]
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
                               options=options)
-    pb_grpc.add_CrossLMServicer_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode),
+    pb_grpc.add_CrossLMServicer_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
+                                                          idle_timeout_s=s.idle_timeout_s),
                                           grpc_server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", NOT_SERVING)

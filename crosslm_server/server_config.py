@@ -35,7 +35,8 @@ class ServerSection:
     max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
     grpc_workers: int = 16              # gRPC handler threads (each stream holds one)
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
-    keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped (idle timeout)
+    keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
+    idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
     log_level: LogLevel = "INFO"        # logging level of the server process
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class ServerSection:
                        f"{MAX_CHUNK_SIZE + 64 * 1024}..{64 * MiB} (a 4 MiB chunk plus framing, at most 64 MiB)")
         if self.max_bundle_bytes <= 0:
             raise _bad("server", "max_bundle_bytes", self.max_bundle_bytes, "> 0")
+        if self.idle_timeout_s < 0:
+            raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
         if self.log_level not in get_args(LogLevel):

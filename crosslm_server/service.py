@@ -83,7 +83,14 @@ class CrossLMService:
     def query_upload(self, silo: str, upload_id: str) -> tuple[Upload, dict[str, int]]:
         upload = self.store.get_upload(upload_id)
         _own(upload.silo, silo, "upload", upload_id)
+        upload = self._settle(upload)
         return upload, self.committed(upload)
+
+    def _settle(self, upload: Upload) -> Upload:
+        """Finish the bookkeeping of an upload whose bundle was renamed into place just before a crash."""
+        if not upload.complete and self.bundle_dir(upload.upload_id).is_dir():
+            return self.store.mark_upload_complete(upload.upload_id)
+        return upload
 
     def receive_upload(self, silo: str, upload_id: str, manifest: Manifest,
                        chunks: Iterable[Chunk]) -> tuple[Upload, dict[str, int]]:
@@ -99,7 +106,7 @@ class CrossLMService:
             raise PermissionDeniedError(f"manifest.silo={manifest.silo!r} but you are silo {silo!r}: "
                                         "a silo uploads only its own SLM")
         validate_manifest(manifest, max_bundle_bytes=self.limits.max_bundle_bytes)
-        upload = self.store.put_upload(Upload(upload_id, silo, manifest, created_at=self.clock()))
+        upload = self._settle(self.store.put_upload(Upload(upload_id, silo, manifest, created_at=self.clock())))
         if upload.complete:
             return upload, self.committed(upload)
         lock = self._upload_lock(upload_id)

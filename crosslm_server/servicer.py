@@ -19,6 +19,7 @@ from crosslm_shared.errors import (AssetMissingError, BundleError, ConfigError, 
                                    ResourceExhaustedError)
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
+from crosslm_shared.transfer import IdleWatchdog
 from crosslm_server.metrics import Metrics
 from crosslm_server.service import CrossLMService, InvalidRequestError, UnauthenticatedError
 from crosslm_server.store import UploadConflictError
@@ -70,9 +71,16 @@ def _mapped_stream(method):
     return wrapper
 
 
+def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str) -> None:
+    log.warning("upload %s from silo %s: no bytes for too long; stream cancelled (it can resume)", upload_id, silo)
+    context.cancel()
+
+
 class CrossLMServicer(pb_grpc.CrossLMServicer):
-    def __init__(self, service: CrossLMService, metrics: Metrics, *, allow_dev_identity: bool):
+    def __init__(self, service: CrossLMService, metrics: Metrics, *, allow_dev_identity: bool,
+                 idle_timeout_s: float = 0.0):
         self.service, self.metrics, self.allow_dev_identity = service, metrics, allow_dev_identity
+        self.idle_timeout_s = idle_timeout_s
 
     def identify(self, context: grpc.ServicerContext) -> str:
         cn = context.auth_context().get("x509_common_name")
@@ -95,16 +103,19 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
         manifest = convert.manifest_from_pb(first.header.manifest)
         gauge = self.metrics.active_transfers.labels("upload")
         gauge.inc()
+        watchdog = IdleWatchdog(self.idle_timeout_s, lambda: _cancel_idle(context, silo, first.header.upload_id))
         try:
             upload, committed = self.service.receive_upload(
-                silo, first.header.upload_id, manifest, self._chunks(request_iterator))
+                silo, first.header.upload_id, manifest, self._chunks(request_iterator, watchdog))
         finally:
+            watchdog.close()
             gauge.dec()
         return convert.upload_status_to_pb(upload, committed)
 
     @staticmethod
-    def _chunks(request_iterator) -> Iterator:
+    def _chunks(request_iterator, watchdog: IdleWatchdog) -> Iterator:
         for msg in request_iterator:
+            watchdog.kick()
             if msg.WhichOneof("kind") != "chunk":
                 raise InvalidRequestError("only the first Upload message may be a header; send chunks after it")
             yield convert.chunk_from_pb(msg.chunk)

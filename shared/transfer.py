@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +148,40 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class IdleWatchdog:
+    """Calls `on_idle` once when `kick()` has not been called for `timeout_s` seconds.
+
+    Transfers use idle timeouts, never total deadlines: a slow link that keeps moving bytes
+    is never cut, a stalled one is (and then resumes from its committed offset).
+    """
+
+    def __init__(self, timeout_s: float, on_idle, *, name: str = "idle-watchdog"):
+        self._time = time.monotonic
+        self.timeout_s, self.on_idle = timeout_s, on_idle
+        self.fired = False
+        self._last = self._time()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+        if timeout_s > 0:
+            self._thread.start()
+
+    def kick(self) -> None:
+        self._last = self._time()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self) -> "IdleWatchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(max(0.01, self._last + self.timeout_s - self._time())):
+            if self._time() - self._last >= self.timeout_s:
+                self.fired = True
+                self.on_idle()
+                return

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import time
 from dataclasses import replace
 
 import grpc
@@ -171,3 +172,58 @@ def test_download_from_an_offset(server, big_bundle, tmp_path):
             list(stub(server).Download(pb.DownloadRequest(submission_id=sub.submission_id, file=entry.name,
                                                           offset=entry.size + 1), metadata=META))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_stalled_upload_is_cut_after_the_idle_timeout_and_resumes(tmp_path, big_bundle):
+    folder, manifest = big_bundle
+    s = start_server(server_config(tmp_path / "srv", idle_timeout_s=0.3))
+    try:
+        entry = manifest.file("model.safetensors")
+        data = (folder / entry.name).read_bytes()[:CHUNK]
+
+        def stalling():
+            yield pb.UploadRequest(header=pb.UploadHeader(upload_id="a-stall-0001",
+                                                          manifest=convert.manifest_to_pb(manifest)))
+            yield pb.UploadRequest(chunk=pb.Chunk(file=entry.name, offset=0, data=data, crc32c=crc32c(data)))
+            time.sleep(3)
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stub(s).Upload(stalling(), metadata=META)
+        assert e.value.code() == grpc.StatusCode.CANCELLED and time.monotonic() - started < 2.5
+        with CrossLMClient(address(s), "a", chunk_size=CHUNK, retry=FAST) as client:
+            assert client.query_upload("a-stall-0001")[0][entry.name] == CHUNK
+            before = bytes_in(s)
+            client.upload(folder, manifest, "a-stall-0001")
+            assert bytes_in(s) - before == manifest.total_size - CHUNK
+    finally:
+        s.stop(grace=1)
+
+
+def test_an_upload_resumes_across_a_server_restart(tmp_path, big_bundle):
+    folder, manifest = big_bundle
+    config = server_config(tmp_path / "srv")
+    s = start_server(config)
+    client = CrossLMClient(address(s), "a", chunk_size=CHUNK, retry=RetryPolicy(max_attempts=1))
+    sent = []
+
+    def cut(chunk):
+        sent.append(chunk)
+        if len(sent) == 5:
+            time.sleep(0.3)  # let the first chunks reach the server
+            client.channel.close()
+
+    with pytest.raises(TransportError):
+        client.upload(folder, manifest, "a-restart-01", on_chunk=cut)
+    s.stop(grace=1)
+    held = config.server.data_dir / "uploads" / "a-restart-01"
+    on_disk = sum(p.stat().st_size for p in held.iterdir())
+    assert 0 < on_disk < manifest.total_size
+    s2 = start_server(config)
+    try:
+        with CrossLMClient(address(s2), "a", chunk_size=CHUNK, retry=FAST) as c2:
+            c2.upload(folder, manifest, "a-restart-01")
+            assert bytes_in(s2) == manifest.total_size - on_disk
+            assert c2.query_upload("a-restart-01")[1] is True
+    finally:
+        s2.stop(grace=1)
