@@ -50,6 +50,7 @@ class ServerSection:
     max_attempts: int = 10               # tries per call on UNAVAILABLE / DEADLINE_EXCEEDED before giving up
     backoff_initial_s: float = 0.5       # first retry delay (doubles, with full jitter)
     backoff_max_s: float = 30.0          # longest retry delay
+    idle_timeout_s: float = 120.0        # a transfer with no bytes for this long is cut and resumed (0 = never)
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:

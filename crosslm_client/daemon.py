@@ -48,7 +48,8 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     retry = RetryPolicy(initial_s=config.server.backoff_initial_s, max_s=config.server.backoff_max_s,
                         max_attempts=config.server.max_attempts)
     reports = []
-    with CrossLMClient(config.server.address, s.name, chunk_size=config.server.chunk_size, retry=retry) as client:
+    with CrossLMClient(config.server.address, s.name, chunk_size=config.server.chunk_size, retry=retry,
+                       idle_timeout_s=config.server.idle_timeout_s) as client:
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held)

@@ -52,3 +52,35 @@ def test_config_errors_name_the_field(tmp_path):
     cfg.write_text('[silo]\nname = "a"\nlabels = ["neg", "pos"]\ndata = "x.csv"\n[server]\nchunk_size = 1\n')
     with pytest.raises(ConfigError, match="chunk_size=1"):
         load_silo_config(cfg)
+
+
+def test_prepare_demo_writes_one_private_file_per_silo(tmp_path):
+    from crosslm_client.cli import main
+
+    pool = tmp_path / "pool.csv"
+    pool.write_text("text,category\n" + "".join(f"review number {i},{'fresh' if i % 3 else 'rotten'}\n"
+                                               for i in range(200)))
+    spec = tmp_path / "task.toml"
+    spec.write_text(f'name = "mini"\n[data]\nformat = "csv"\npath = "{pool}"\ntext_field = "text"\n'
+                    'label_field = "category"\nlabel_map = { fresh = "pos", rotten = "neg" }\n'
+                    '[[labels]]\nname = "neg"\n[[labels]]\nname = "pos"\n'
+                    '[generation]\ntemplates = ["x {description}"]\n[classification]\ntemplate = "{text}"\n')
+    assert main(["prepare-demo", "--task", str(spec), "--out", str(tmp_path / "demo"), "--silos", "2",
+                 "--n-private", "20"]) == 0
+    files = sorted((tmp_path / "demo").glob("silo-*.csv"))
+    assert [f.name for f in files] == ["silo-a.csv", "silo-b.csv"]
+    a, b = (load_examples(f, labels=LABELS) for f in files)
+    assert len(a[0]) == len(b[0]) == 20 and not set(a[0]) & set(b[0])
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    from crosslm_server.server_config import load_server_config
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for name in "abcd":
+        cfg = load_silo_config(examples / f"silo-{name}.toml")
+        assert cfg.silo.name == f"silo-{name}" and cfg.silo.arch in ("minilm", "mpnet4")
+    server = load_server_config(examples / "server.toml")
+    assert (server.server.grpc_port, server.server.http_port, server.engine.name) == (50051, 8080, "tiny")
