@@ -28,7 +28,7 @@ from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, Chunk, IdleWatchdog, Par
 log = logging.getLogger(__name__)
 SILO_METADATA_KEY = "x-crosslm-silo"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
 FATAL_AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -156,8 +156,10 @@ class CrossLMClient:
 
     # ---- submissions ------------------------------------------------------------------------
     def submit(self, upload_id: str) -> Submission:
+        # RESOURCE_EXHAUSTED on Submit means the queue is full: worth waiting for.
         return self._retrying(f"submit {upload_id}", lambda: convert.submission_from_pb(
-            self.stub.Submit(pb.SubmitRequest(upload_id=upload_id), metadata=self._metadata)))
+            self.stub.Submit(pb.SubmitRequest(upload_id=upload_id), metadata=self._metadata)),
+            also_retry=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}))
 
     def get_submission(self, submission_id: str) -> Submission:
         return self._retrying(f"get {submission_id}", lambda: convert.submission_from_pb(

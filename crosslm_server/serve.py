@@ -124,7 +124,8 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     metrics = Metrics()
     store = open_store(config)
     service = CrossLMService(store, Path(s.data_dir), metrics=metrics,
-                             limits=Limits(max_bundle_bytes=s.max_bundle_bytes, chunk_size=s.chunk_size))
+                             limits=Limits(max_bundle_bytes=s.max_bundle_bytes, chunk_size=s.chunk_size,
+                                           max_queue=s.max_queue))
     factory = engine_factory or (lambda: create_engine(config.engine.name, config.engine.options))
     worker = Worker(service, factory)
     options = [("grpc.max_receive_message_length", s.max_message_bytes),
@@ -153,7 +154,7 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
 
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    server = build_server(config).start()
+    server = build_server(config)
 
     def on_signal(signum, frame):
         log.info("received %s", signal.Signals(signum).name)
@@ -161,6 +162,7 @@ def serve(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server.start()
     while not server.wait(1.0):
         pass
     return 0

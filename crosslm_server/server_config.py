@@ -33,6 +33,7 @@ class ServerSection:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
     max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
     max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
+    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait
     grpc_workers: int = 16              # gRPC handler threads (each stream holds one)
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
@@ -52,6 +53,8 @@ class ServerSection:
             raise _bad("server", "max_bundle_bytes", self.max_bundle_bytes, "> 0")
         if self.idle_timeout_s < 0:
             raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
+        if self.max_queue < 1:
+            raise _bad("server", "max_queue", self.max_queue, ">= 1")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
         if self.log_level not in get_args(LogLevel):

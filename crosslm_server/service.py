@@ -25,7 +25,7 @@ from typing import Any
 from crosslm_shared.bundle import Manifest, validate_bundle_dir, validate_manifest
 from crosslm_shared.convert import stringify_fields
 from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, PermissionDeniedError,
-                                   PreconditionError)
+                                   PreconditionError, ResourceExhaustedError)
 from crosslm_shared.records import Event, Submission, Upload
 from crosslm_shared.transfer import Chunk, PartialFile, committed_size, iter_chunks
 from crosslm_server.metrics import Metrics
@@ -47,6 +47,7 @@ class UnauthenticatedError(CrossLMError):
 class Limits:
     max_bundle_bytes: int
     chunk_size: int
+    max_queue: int = 100
     upload_lock_timeout_s: float = 30.0
 
 
@@ -171,6 +172,9 @@ class CrossLMService:
     def submit(self, silo: str, upload_id: str) -> Submission:
         upload = self.store.get_upload(upload_id)
         _own(upload.silo, silo, "upload", upload_id)
+        if self.store.queue_depth() >= self.limits.max_queue and upload_id not in self._submitted_uploads(silo):
+            raise ResourceExhaustedError(f"the queue is full ({self.limits.max_queue} submissions waiting): "
+                                         "retry later")
         sub, created = self.store.submit(upload_id, submission_id=f"sub-{uuid.uuid4().hex[:20]}", now=self.clock())
         if created:
             self.metrics.slm_accuracy.labels(silo, sub.task).set(upload.manifest.heldout_accuracy)
@@ -179,6 +183,9 @@ class CrossLMService:
             log.info("submission %s of silo %s (upload %s): queued", sub.submission_id, silo, upload_id)
             self.wake_worker()
         return sub
+
+    def _submitted_uploads(self, silo: str) -> set[str]:
+        return {s.upload_id for s in self.store.list_submissions(silo=silo)}
 
     def get_submission(self, silo: str, submission_id: str) -> Submission:
         sub = self.store.get_submission(submission_id)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from crosslm_client.transport import CrossLMClient
+from crosslm_client.transport import CrossLMClient, RetryPolicy, TransportError
 from service_helpers import address, http_get, server_config, start_server, tiny_bundle
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -129,6 +129,21 @@ def test_restart_runs_queued_and_interrupted_work(tmp_path):
         assert s2.store.events_after(interrupted, 0)[1].fields["rerun"] == "True"
     finally:
         s2.stop(grace=1)
+
+
+def test_a_full_queue_is_resource_exhausted(tmp_path):
+    s = start_server(server_config(tmp_path / "srv", max_queue=1), engine_factory=lambda: _NeverReady())
+    try:
+        with CrossLMClient(address(s), "a", retry=RetryPolicy(max_attempts=1)) as c:
+            for i in range(2):
+                folder, manifest = tiny_bundle(tmp_path / f"a{i}", seed=i)
+                c.upload(folder, manifest, f"a-upload-full{i}")
+            first = c.submit("a-upload-full0")
+            assert c.submit("a-upload-full0").submission_id == first.submission_id  # idempotent even when full
+            with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED.*queue is full"):
+                c.submit("a-upload-full1")
+    finally:
+        s.stop(grace=0.5)
 
 
 class _NeverReady:
