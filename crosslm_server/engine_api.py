@@ -50,6 +50,7 @@ class Engine(Protocol):
 
 ENGINES: dict[str, str] = {
     "tiny": "crosslm_server.engine_tiny:TinyEngine",
+    "echo": "crosslm_server.engine_echo:EchoEngine",
     "crosslm": "crosslm_server.engine:CrossLMEngine",
 }
 

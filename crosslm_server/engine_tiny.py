@@ -85,3 +85,4 @@ def _fine_tune(src: Path, out: Path, texts: list[str], labels: torch.Tensor, *, 
     tok.save_pretrained(out)
     if (src / "crosslm.json").exists():
         shutil.copyfile(src / "crosslm.json", out / "crosslm.json")
+
