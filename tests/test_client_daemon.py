@@ -59,3 +59,30 @@ def test_daemon_exit_codes(tmp_path):
         server.stop(grace=1)
     cfg = write_silo(tmp_path, server, "silo-c")
     assert main(["run", "--config", str(cfg), "--server", "127.0.0.1:1"]) == 4
+
+
+def _minilm_available() -> bool:
+    try:
+        from crosslm_shared import assets
+
+        assets.minilm_dir()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means the package is not usable here
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.skipif(not _minilm_available(), reason="needs the offline MiniLM package (scripts/bootstrap)")
+def test_a_real_minilm_bundle_makes_the_round_trip(tmp_path):
+    """The real SLM's save_pretrained folder passes bundle validation and comes back loadable."""
+    server = start_server(server_config(tmp_path / "server", engine_options={"steps": 1}))
+    try:
+        cfg = write_silo(tmp_path, server, "silo-m")
+        text = cfg.read_text().replace('arch = "tiny"', 'arch = "minilm"').replace("epochs = 2", "epochs = 1")
+        cfg.write_text(text.replace("[rounds]", "continue_epochs = 0\n[rounds]"))
+        assert main(["run", "--config", str(cfg)]) == 0
+        report = json.loads((tmp_path / "silo-m-out" / "reports" / "round-001.json").read_text())
+        assert report["outcome"] == "ready" and report["bundle_bytes"] > 80_000_000
+    finally:
+        server.stop(grace=1)
