@@ -230,3 +230,16 @@ def calibrate_temperature(slm: SLM, texts: Sequence[str], labels: Sequence[int])
     grid = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 121))
     nll = torch.stack([nn.functional.cross_entropy(logits / t, y) for t in grid])
     return float(grid[int(nll.argmin())])
+
+
+def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Sequence[int]],
+                    val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
+                    desc: str = "continue") -> tuple[SLM, dict]:
+    """The silo's side of a round: continue the returned SLM on private data (same selection as
+    every baseline), then keep whichever of it and ``current`` is better on the validation split
+    (ties go to the newer model, which has seen more data)."""
+    continued, info = train_selected(returned, current.labels, train, val, cfg, desc=desc)
+    current_acc = current.evaluate(*val)
+    adopted = info["val_acc"] >= current_acc
+    return (continued if adopted else current), {
+        "adopted": adopted, "val_acc_current": current_acc, "val_acc_returned": info["val_acc"], **info}

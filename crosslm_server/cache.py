@@ -1,0 +1,57 @@
+"""Reuse what several runs share (silo-only SLMs, the judge, the untouched LLM's figures, ZeroGen).
+
+A study runs many arms on the same seeds: the baselines of a seed do not depend on the arm, so
+they are computed once and kept under ``root/<name>-<key>``, the key a hash of the config parts
+they depend on. Entries are written to a temporary name and renamed, so a run killed mid-way
+leaves no half entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from crosslm_shared.slm import SLM, load_slm
+
+
+def config_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ArtefactCache:
+    def __init__(self, root: Path | None):
+        self.root = root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def json(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        if self.root is None:
+            return compute()
+        path = self.root / f"{name}-{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(value, default=float))
+        os.replace(tmp, path)
+        return value
+
+    def slm(self, name: str, key: str, compute: Callable[[], tuple[SLM, dict]]) -> tuple[SLM, dict]:
+        if self.root is None:
+            return compute()
+        path = self.root / f"{name}-{key}"
+        if (path / "crosslm.json").exists():
+            slm = load_slm(path)
+            return slm, slm.info
+        slm, info = compute()
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        slm.save(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return slm, info

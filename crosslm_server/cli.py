@@ -1,0 +1,105 @@
+"""`crosslm`: the engine's command line (simulate; later demo, study, certs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from crosslm_shared.errors import CrossLMError
+
+log = logging.getLogger("crosslm")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from crosslm_server.config import load_config
+    from crosslm_server.report import check_schema
+    from crosslm_server.simulate import simulate
+
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.rounds is not None:
+        overrides.append(f"rounds={args.rounds}")
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    log.info("simulating task %s: %d silos, %d rounds, seed %d -> %s", cfg.task, cfg.split.n_silos, cfg.rounds,
+             cfg.seed, out)
+    report = simulate(cfg, out)
+    missing = check_schema(report)
+    if missing:
+        log.error("report lacks %s", missing)
+        return EXIT_ERROR
+    print(f"\nreport: {out / 'report.md'}\n        {out / 'report.json'}")
+    print((out / "report.md").read_text())
+    return EXIT_OK
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from crosslm_server.study import ABLATIONS, run_study
+
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else list(ABLATIONS)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summary = run_study(args.config, Path(args.out), seeds=seeds, arms=arms, overrides=list(args.set or []))
+    print(f"\nstudy: {Path(args.out) / 'study.md'}\n")
+    print((Path(args.out) / "study.md").read_text())
+    return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosslm", description="CrossLM: mutual enhancement of an LLM and silos' SLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run N silos and R rounds in one process and write a report")
+    sim.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")
+    sim.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
+    sim.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    sim.add_argument("--rounds", type=int, default=None, help="override the config's number of rounds")
+    sim.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                     help="override any config value, e.g. --set round.update.gamma_kl=0 (repeatable)")
+    sim.set_defaults(func=cmd_simulate)
+    st = sub.add_parser("study", help="run every arm over several seeds (resumable) and compare with intervals")
+    st.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")
+    st.add_argument("--out", default="runs/study", help="output folder; rerun to resume (default: %(default)s)")
+    st.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
+    st.add_argument("--first-seed", type=int, default=0, help="first seed (default: %(default)s)")
+    st.add_argument("--arms", default=None,
+                    help="comma-separated arms (default: all: crosslm and every ablation); the baselines always run")
+    st.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for every arm")
+    st.set_defaults(func=cmd_study)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except CrossLMError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

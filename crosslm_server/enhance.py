@@ -1,0 +1,45 @@
+"""Step 5 of a round: enhance the submitting silo's SLM on the kept synthetic set.
+
+Hard labels are the intended labels; soft labels are the SLM ensemble's calibrated
+distribution (distillation of what the other silos know), mixed with the intended label
+so a sample the ensemble doubts still leans the way it was asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from crosslm_shared.errors import ConfigError
+from crosslm_shared.slm import SLM, SLMTrainConfig, fit
+
+
+@dataclass(frozen=True)
+class EnhanceConfig:
+    labels: Literal["hard", "soft"] = "soft"
+    soft_mix: float = 0.5  # soft target = mix·one_hot(y) + (1 − mix)·ensemble
+    lr: float = 5e-5
+    epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("hard", "soft"):
+            raise ConfigError(f"enhance.labels = {self.labels!r}; use 'hard' or 'soft'")
+        if not 0 <= self.soft_mix <= 1:
+            raise ConfigError(f"enhance.soft_mix = {self.soft_mix}; must be in [0, 1]")
+
+
+def targets(labels: Sequence[int], probs: np.ndarray, cfg: EnhanceConfig) -> np.ndarray:
+    one_hot = np.eye(probs.shape[1])[np.asarray(labels, dtype=np.int64)]
+    if cfg.labels == "hard":
+        return one_hot
+    return cfg.soft_mix * one_hot + (1 - cfg.soft_mix) * probs
+
+
+def enhance_slm(slm: SLM, texts: Sequence[str], target: np.ndarray, cfg: EnhanceConfig,
+                train_cfg: SLMTrainConfig) -> tuple[SLM, dict]:
+    """A copy of ``slm`` fine-tuned on the synthetic (texts, target); the original is untouched."""
+    out = slm.clone()
+    info = fit(out, list(texts), target, lr=cfg.lr, epochs=cfg.epochs, cfg=train_cfg, desc="enhance SLM")
+    return out, {"n_synthetic": len(texts), **info}

@@ -1,0 +1,128 @@
+"""The server's causal LLM: load once (GGUF dequantized and cached), wrap with a LoRA adapter.
+
+The frozen base G_0 is the same module with the adapter disabled (peft's
+``disable_adapter()``), so no second copy of the LLM is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from crosslm_shared import assets
+from crosslm_shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Which LLM the server hosts and how its LoRA adapter is shaped."""
+
+    model: str = "smollm2-135m"  # "smollm2-135m" (offline package) or a causal-LM folder
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ConfigError(f"llm.lora_r = {self.lora_r}; must be >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"llm.dtype = {self.dtype!r}; use auto, float32 or bfloat16")
+
+
+def torch_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(cfg: LLMConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def dequantized_smollm2() -> Path:
+    """Dequantize the packaged GGUF once; cache as safetensors keyed by the GGUF's SHA-256."""
+    gguf = assets.smollm2_gguf()
+    digest = assets.sha256_file(gguf)[:16]
+    target = assets.cache_dir() / f"smollm2-135m-{digest}"
+    if (target / "config.json").exists():
+        return target
+    log.info("dequantizing %s once into %s (about 30 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def model_folder(cfg: LLMConfig) -> Path:
+    if cfg.model == "smollm2-135m":
+        return dequantized_smollm2()
+    path = Path(cfg.model)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"llm.model = {cfg.model!r} is neither 'smollm2-135m' nor a model folder with config.json")
+    return path
+
+
+@dataclass
+class LLM:
+    """The LoRA-wrapped model and its tokenizer (pad = eos, padding on the left)."""
+
+    model: PeftModel
+    tokenizer: object
+    device: torch.device
+    meta: dict = field(default_factory=dict)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        return path
+
+    def load_adapter(self, path: str | Path) -> None:
+        state = load_file(str(Path(path) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model, state)
+
+
+def wrap_lora(base, tokenizer, cfg: LLMConfig, device: torch.device) -> LLM:
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return LLM(model=model, tokenizer=tokenizer, device=device)
+
+
+def load_llm(cfg: LLMConfig) -> LLM:
+    folder = model_folder(cfg)
+    device = torch_device()
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(cfg)).to(device)
+    llm = wrap_lora(base, tok, cfg, device)
+    llm.meta = {"folder": str(folder)}
+    return llm

@@ -1,0 +1,75 @@
+"""Prompts for the LLM, built from the task spec with the model's chat template.
+
+Generation: the user turn is one of the label's instructions; the assistant turn is opened
+with the task's prefix (``Review: "``) so the answer is the text itself, closed by the
+closing mark. Classification: the assistant turn is opened with ``Answer:`` and the next
+token decides the label, by the verbalizers' first tokens.
+"""
+
+from __future__ import annotations
+
+from crosslm_shared.errors import ConfigError
+from crosslm_shared.tasks import TaskSpec
+
+
+def _chat(tokenizer, task: TaskSpec, user: str) -> str:
+    messages = []
+    if task.system_prompt:
+        messages.append({"role": "system", "content": task.system_prompt})
+    messages.append({"role": "user", "content": user})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{task.system_prompt}\n{user}\n".lstrip()
+
+
+def generation_prompt(tokenizer, task: TaskSpec, label: int, template: int) -> str:
+    instructions = task.generation_prompts(label)
+    return _chat(tokenizer, task, instructions[template % len(instructions)]) + task.generation_prefix
+
+
+def classification_prompt(tokenizer, task: TaskSpec, text: str) -> str:
+    return _chat(tokenizer, task, task.classification_prompt(text)) + task.answer_prefix
+
+
+def verbalizer_ids(tokenizer, task: TaskSpec) -> list[int]:
+    """First token of " <verbalizer>" for each label; they must differ (checked)."""
+    ids = []
+    for lab in task.labels:
+        toks = tokenizer(" " + lab.verbalizer.strip(), add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise ConfigError(f"verbalizer {lab.verbalizer!r} of task {task.name!r} tokenizes to nothing")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ConfigError(
+            f"task {task.name!r}: verbalizers {[lab.verbalizer for lab in task.labels]} share a first token "
+            "for this LLM's tokenizer; pick words that start differently"
+        )
+    return ids
+
+
+def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Right-pad token rows into (input_ids, attention_mask); positions then match unpadded ones."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def label_logits(model, tokenizer, task: TaskSpec, texts, verb_ids: list[int], *, max_length: int = 192):
+    """Logits of each label's verbalizer token after the classification prompt: shape (n, K)."""
+    import torch
+
+    rows = []
+    for text in texts:
+        ids = tokenizer(classification_prompt(tokenizer, task, text), add_special_tokens=False)["input_ids"]
+        rows.append(ids[-max_length:])
+    device = next(model.parameters()).device
+    ids, mask = pad_right(rows, tokenizer.pad_token_id, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    last = mask.sum(1) - 1
+    return logits[torch.arange(len(rows), device=device), last][:, verb_ids].float()

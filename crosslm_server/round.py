@@ -1,0 +1,95 @@
+"""One enhancement round for one submitted SLM: generate → score → filter → update LLM → enhance SLM.
+
+This is the function both ``crosslm simulate`` and the server's worker call; it knows
+nothing of gRPC, the store or HTTP. The keep decision is computed right after scoring
+because the LLM's task loss trains on the kept samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from crosslm_server.config import RoundConfig
+from crosslm_server.enhance import enhance_slm, targets
+from crosslm_server.filter import distinct_n, select
+from crosslm_server.generate import Sample, generate
+from crosslm_server.llm import LLM
+from crosslm_server.llm_update import update_llm
+from crosslm_server.reward import Scores, score
+from crosslm_shared.slm import SLM
+from crosslm_shared.tasks import TaskSpec
+
+Emit = Callable[[str, Mapping[str, Any]], None]
+
+
+@dataclass
+class RoundResult:
+    enhanced: SLM
+    samples: list[Sample]
+    scores: Scores
+    keep: list[int]
+    metrics: dict
+
+
+def _noop(kind: str, fields: Mapping[str, Any]) -> None:
+    pass
+
+
+def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cfg: RoundConfig, *,
+              seed: int, emit: Emit = _noop) -> RoundResult:
+    """Run DESIGN.md §2 steps 1–5 for ``submitter``; ``peers`` are the latest SLMs of every silo."""
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    gen = generate(llm, task, cfg.generate, seed=seed,
+                   progress=lambda k, n: emit("generating", {"done": k, "total": n}))
+    seconds["generate"] = time.perf_counter() - t
+    texts = [s.text for s in gen.samples]
+    labels = [s.label for s in gen.samples]
+
+    t = time.perf_counter()
+    emit("scoring", {"samples": len(texts)})
+    scorers = list(peers) if cfg.reward_from == "all" else [submitter]
+    scores = score(scorers, texts, labels)
+    seconds["score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    keep = select(texts, labels, scores.probs, cfg.filter)
+    seconds["filter"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    upd = update_llm(llm, task, [s.prompt for s in gen.samples], texts, labels, scores.advantage, keep,
+                     cfg.update, seed=seed,
+                     progress=lambda k, n, loss: emit("training_llm", {"step": k, "total": n, "loss": loss}))
+    seconds["update_llm"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emit("training_slm", {"samples": len(keep)})
+    kept_texts = [texts[i] for i in keep]
+    target = targets([labels[i] for i in keep], scores.probs[keep], cfg.enhance) if keep else np.zeros((0, task.num_labels))
+    enhanced, enh = enhance_slm(submitter, kept_texts, target, cfg.enhance, cfg.slm)
+    seconds["enhance_slm"] = time.perf_counter() - t
+
+    metrics = {
+        "generated": len(texts),
+        "kept": len(keep),
+        "kept_per_label": np.bincount([labels[i] for i in keep], minlength=task.num_labels).tolist(),
+        "reward_mean": float(scores.reward.mean()),
+        "reward_std": float(scores.reward.std()),
+        "reward_hist": np.histogram(scores.reward, bins=10, range=(-1, 1))[0].tolist(),
+        "agree_rate": float((scores.probs.argmax(1) == np.asarray(labels)).mean()),
+        "kl": upd["kl"],
+        "l_gen": upd["l_gen"],
+        "l_task": upd["l_task"],
+        "llm_steps": upd["steps"],
+        "distinct_2": distinct_n(texts, 2),
+        "distinct_2_kept": distinct_n(kept_texts, 2),
+        "truncated": sum(s.truncated for s in gen.samples),
+        "tokens_per_s": gen.tokens_per_second,
+        "seconds_per_stage": seconds,
+    }
+    return RoundResult(enhanced, gen.samples, scores, keep, metrics)

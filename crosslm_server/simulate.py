@@ -1,0 +1,200 @@
+"""`crosslm simulate`: N silos and R rounds in one process, with the honest baselines.
+
+Arms, all on the same split and with the same SLM selection on each silo's validation data:
+- silo-only: the SLM trained on the silo's private data alone (``acc_local``);
+- ZeroGen: the silo-only SLM fine-tuned on synthetic data from the untouched LLM (same
+  filter, same per-silo budget of generated texts as CrossLM over all rounds), then
+  continued on private data and kept if better;
+- CrossLM: each round, the silos' SLMs arrive one by one; each runs a round (the adapter
+  carries over), and the silo continues the returned SLM on private data, keeping it if better.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crosslm_server.cache import ArtefactCache, config_key
+from crosslm_server.config import SimConfig, as_dict
+from crosslm_server.enhance import enhance_slm, targets
+from crosslm_server.evaluate import general_corpus, on_label_rate, perplexity, zero_shot
+from crosslm_server.filter import select
+from crosslm_server.generate import generate
+from crosslm_server.llm import load_llm
+from crosslm_server.report import write_report
+from crosslm_server.reward import score
+from crosslm_server.round import run_round
+from crosslm_shared.data import Split, load_examples, split_task
+from crosslm_shared.slm import SLM, adopt_if_better, train_selected
+from crosslm_shared.tasks import TaskSpec, load_task
+
+log = logging.getLogger(__name__)
+
+
+def _pair(ex):
+    return list(ex.texts), list(ex.labels)
+
+
+def train_judge(task: TaskSpec, split: Split, cfg: SimConfig) -> SLM:
+    """The independent judge: an SLM trained on the judge pool, which no silo holds."""
+    n = len(split.judge_train)
+    cut = int(n * 0.8)
+    train = split.judge_train.subset(range(cut))
+    val = split.judge_train.subset(range(cut, n))
+    judge_cfg = replace(cfg.round.slm, lrs=(cfg.eval.judge_lr,), max_epochs=cfg.eval.judge_epochs, seed=cfg.seed)
+    judge, _ = train_selected(cfg.eval.judge_arch, task.label_names, _pair(train), _pair(val), judge_cfg, desc="judge")
+    return judge
+
+
+def llm_snapshot(llm, task, split, docs, cfg: SimConfig) -> dict:
+    zs = zero_shot(llm, task, list(split.llm_test.texts), list(split.llm_test.labels), batch_size=cfg.eval.batch_size)
+    return {"acc": zs["acc"], "pred_rate": zs["pred_rate"],
+            "ppl": perplexity(llm, docs, max_tokens=cfg.eval.ppl_max_tokens)}
+
+
+def judged_generations(llm, task, judge, cfg: SimConfig, seed: int) -> float:
+    gen = generate(llm, task, cfg.round.generate, seed=seed, per_label=cfg.eval.judge_per_label)
+    return on_label_rate(judge, gen.samples)
+
+
+def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) -> dict:
+    """ZeroGen-style: the untouched LLM's samples, the same filter and budget, the same silo-side step."""
+    budget = cfg.round.generate.per_label * cfg.rounds
+    gen = generate(llm, task, cfg.round.generate, seed=cfg.seed + 7919, per_label=budget)
+    texts = [s.text for s in gen.samples]
+    labels = [s.label for s in gen.samples]
+    scores = score(list(local.values()), texts, labels)
+    keep = select(texts, labels, scores.probs, cfg.round.filter)
+    target = targets([labels[i] for i in keep], scores.probs[keep], cfg.round.enhance)
+    out = {"generated": len(texts), "kept": len(keep), "silos": {}}
+    for silo in split.silos:
+        enhanced, _ = enhance_slm(local[silo.name], [texts[i] for i in keep], target, cfg.round.enhance, cfg.round.slm)
+        chosen, info = adopt_if_better(local[silo.name], enhanced, _pair(silo.train), _pair(silo.val),
+                                       cfg.round.slm, desc=f"{silo.name} zerogen")
+        out["silos"][silo.name] = {"acc": chosen.evaluate(*_pair(silo.test)), "adopted": info["adopted"]}
+    return out
+
+
+def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dict:
+    """Run the arms and write ``out/report.json`` and ``out/report.md``.
+
+    With ``cache_dir``, the silo-only SLMs, the judge, the untouched LLM's figures and the
+    ZeroGen baseline are reused from earlier runs with the same config parts (a study's arms).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ArtefactCache(cache_dir)
+    c = as_dict(cfg)
+    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"])
+    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
+    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"])
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    task = load_task(cfg.task)
+    examples = load_examples(task)
+    split = split_task(examples, task.num_labels, cfg.split, seed=cfg.seed)
+    slm_cfg = replace(cfg.round.slm, seed=cfg.seed)
+    rcfg = replace(cfg.round, slm=slm_cfg)
+    report: dict = {"task": task.name, "seed": cfg.seed, "config": as_dict(cfg), "silos": {}, "rounds": [],
+                    "baselines": {}, "timing": {}}
+
+    t = time.perf_counter()
+    local: dict[str, SLM] = {}
+    for i, silo in enumerate(tqdm(split.silos, desc="silo-only SLMs", disable=None)):
+        arch = cfg.archs[i % len(cfg.archs)]
+        slm, info = cache.slm(f"local-{silo.name}", base_key, lambda: train_selected(
+            arch, task.label_names, _pair(silo.train), _pair(silo.val), slm_cfg, desc=f"{silo.name} local"))
+        local[silo.name] = slm
+        report["silos"][silo.name] = {
+            "arch": arch, "n_private": len(silo.train) + len(silo.val), "n_train": len(silo.train),
+            "label_counts": (silo.train + silo.val).label_counts(task.num_labels),
+            "acc_local": slm.evaluate(*_pair(silo.test)), "local_selection": info, "acc_after": [], "adopted": []}
+        log.info("%s (%s): silo-only test acc %.3f", silo.name, arch, report["silos"][silo.name]["acc_local"])
+    report["timing"]["silo_only_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    llm = load_llm(cfg.llm)
+    docs = general_corpus(cfg.eval.n_ppl_docs)
+    judge, _ = cache.slm("judge", llm_key, lambda: (train_judge(task, split, cfg), {}))
+    before = cache.json("llm-before", llm_key, lambda: {
+        **llm_snapshot(llm, task, split, docs, cfg),
+        "on_label": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 1)})
+    report["llm"] = {"acc_before": before["acc"], "pred_rate_before": before["pred_rate"],
+                     "ppl_before": before["ppl"], "on_label_before": before["on_label"]}
+    report["timing"]["llm_eval_before_s"] = time.perf_counter() - t
+
+    if cfg.zerogen:
+        t = time.perf_counter()
+        report["baselines"]["zerogen"] = cache.json("zerogen", zerogen_key,
+                                                    lambda: zerogen_baseline(llm, task, split, local, cfg))
+        report["timing"]["zerogen_s"] = time.perf_counter() - t
+
+    latest = dict(local)
+    t = time.perf_counter()
+    for r in range(1, cfg.rounds + 1):
+        round_rec = {"round": r, "silos": {}}
+        for j, silo in enumerate(split.silos):
+            log.info("round %d: %s submits its SLM", r, silo.name)
+            res = run_round(llm, task, latest[silo.name], list(latest.values()), rcfg,
+                            seed=cfg.seed * 1000 + r * 100 + j)
+            chosen, info = adopt_if_better(latest[silo.name], res.enhanced, _pair(silo.train), _pair(silo.val),
+                                           slm_cfg, desc=f"{silo.name} r{r}")
+            latest[silo.name] = chosen
+            acc = chosen.evaluate(*_pair(silo.test))
+            report["silos"][silo.name]["acc_after"].append(acc)
+            report["silos"][silo.name]["adopted"].append(info["adopted"])
+            round_rec["silos"][silo.name] = {**res.metrics, "acc": acc, "adopted": info["adopted"],
+                                             "val_acc_returned": info["val_acc_returned"]}
+            _dump_samples(out / f"samples-r{r}-{silo.name}.jsonl", res)
+            log.info("round %d %s: kept %d/%d, reward %.3f, kl %.4f, test acc %.3f (adopted=%s)", r, silo.name,
+                     res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"], res.metrics["kl"],
+                     acc, info["adopted"])
+        snap = llm_snapshot(llm, task, split, docs, cfg)
+        round_rec["llm"] = snap
+        round_rec |= _round_totals(round_rec["silos"])
+        report["rounds"].append(round_rec)
+        if cfg.save_adapters:
+            path = llm.save_adapter(out / "adapters" / f"round-{r}")
+            (path / "crosslm_round.json").write_text(json.dumps({"round": r, "llm": snap}, indent=2))
+        (out / "report.partial.json").write_text(json.dumps(report, indent=2, default=float))
+    report["timing"]["crosslm_s"] = time.perf_counter() - t
+
+    last = report["rounds"][-1]["llm"]
+    report["llm"] |= {"acc_after": last["acc"], "pred_rate_after": last["pred_rate"], "ppl_after": last["ppl"],
+                      "on_label_after": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 2)}
+    report["timing"]["total_s"] = time.perf_counter() - started
+    write_report(report, out)
+    (out / "report.partial.json").unlink(missing_ok=True)
+    return report
+
+
+def _round_totals(silos: dict) -> dict:
+    vals = list(silos.values())
+    stages: dict[str, float] = {}
+    for v in vals:
+        for k, s in v["seconds_per_stage"].items():
+            stages[k] = stages.get(k, 0.0) + s
+    return {
+        "generated": sum(v["generated"] for v in vals),
+        "kept": sum(v["kept"] for v in vals),
+        "reward_mean": float(np.mean([v["reward_mean"] for v in vals])),
+        "kl": float(np.mean([v["kl"] for v in vals])),
+        "distinct_2": float(np.mean([v["distinct_2"] for v in vals])),
+        "truncated": sum(v["truncated"] for v in vals),
+        "seconds_per_stage": stages,
+    }
+
+
+def _dump_samples(path: Path, res) -> None:
+    keep = set(res.keep)
+    with open(path, "w") as fh:
+        for i, s in enumerate(res.samples):
+            fh.write(json.dumps({"text": s.text, "label": s.label, "reward": float(res.scores.reward[i]),
+                                 "advantage": float(res.scores.advantage[i]), "kept": i in keep,
+                                 "truncated": s.truncated}) + "\n")

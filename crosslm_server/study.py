@@ -1,0 +1,136 @@
+"""`crosslm study`: every arm over several seeds on the same splits, resumable, with intervals.
+
+Arms: silo-only and ZeroGen (the baselines every simulate run carries), CrossLM and its
+ablations (config overrides of the CrossLM arm). Each (arm, seed) is one simulate run in
+``DIR/runs/<arm>/seed-<n>/``; a finished run is never redone, so a study cut off continues with
+what it has not finished. Baselines are shared across arms through the artefact cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from crosslm_server.config import load_config
+from crosslm_server.stats import mean_std, paired_bootstrap
+from crosslm_shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ABLATIONS: dict[str, list[str]] = {
+    "crosslm": [],
+    "no_reward_loss": ["round.update.gamma_gen=0"],
+    "no_kl": ["round.update.gamma_kl=0"],
+    "no_filter": ["round.filter.enabled=false"],
+    "no_task_loss": ["round.update.gamma_task=0"],
+    "submitter_reward": ['round.reward_from="submitter"'],
+    "hard_labels": ['round.enhance.labels="hard"'],
+}
+BASELINES = ("silo_only", "zerogen")
+
+
+def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str], overrides: list[str] = ()) -> dict:
+    from crosslm_server.simulate import simulate
+
+    unknown = set(arms) - set(ABLATIONS)
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
+    if "crosslm" not in arms:
+        arms = ["crosslm", *arms]
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for arm in arms:
+            run_dir = out / "runs" / arm / f"seed-{seed}"
+            if (run_dir / "report.json").exists():
+                log.info("study: %s seed %d already done, skipping", arm, seed)
+                continue
+            cfg = load_config(config, [*overrides, *ABLATIONS[arm], f"seed={seed}",
+                                       f"zerogen={'true' if arm == 'crosslm' else 'false'}"])
+            log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
+            simulate(cfg, run_dir, cache_dir=out / "cache")
+    summary = summarise(out, seeds=seeds, arms=arms)
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    (out / "study.md").write_text(render(summary))
+    try:
+        from crosslm_server.plots import study_plots
+
+        summary["plots"] = study_plots(summary, out)
+    except ImportError as e:  # matplotlib is a dependency; a broken install must not lose the numbers
+        log.warning("plots skipped: %s", e)
+    return summary
+
+
+def _load(out: Path, arm: str, seed: int) -> dict | None:
+    path = out / "runs" / arm / f"seed-{seed}" / "report.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+    """Per arm the silo-mean final accuracy over seeds, per-silo figures and paired intervals."""
+    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *arms)}
+    curves: dict[str, list[list[float]]] = {a: [] for a in arms}
+    llm: dict[str, list[dict]] = {a: [] for a in arms}
+    archs: dict[str, str] = {}
+    for seed in seeds:
+        base = _load(out, "crosslm", seed)
+        if base is None:
+            continue
+        for silo, s in base["silos"].items():
+            archs[silo] = s["arch"]
+            per_arm["silo_only"][(seed, silo)] = s["acc_local"]
+            per_arm["zerogen"][(seed, silo)] = base["baselines"]["zerogen"]["silos"][silo]["acc"]
+        for arm in arms:
+            rep = _load(out, arm, seed)
+            if rep is None:
+                continue
+            for silo, s in rep["silos"].items():
+                per_arm[arm][(seed, silo)] = s["acc_after"][-1]
+            n_rounds = len(next(iter(rep["silos"].values()))["acc_after"])
+            curves[arm].append([float(np.mean([s["acc_local"] for s in rep["silos"].values()]))] +
+                               [float(np.mean([s["acc_after"][r] for s in rep["silos"].values()])) for r in range(n_rounds)])
+            llm[arm].append({k: rep["llm"][k] for k in ("acc_before", "acc_after", "on_label_before", "on_label_after",
+                                                           "ppl_before", "ppl_after")})
+    summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {}}
+    for arm, accs in per_arm.items():
+        by_seed = {}
+        for (seed, _), acc in accs.items():
+            by_seed.setdefault(seed, []).append(acc)
+        summary["arms"][arm] = mean_std([np.mean(v) for v in by_seed.values()])
+    for arm in arms:
+        for other in (*BASELINES, *[a for a in arms if a != arm and arm == "crosslm"]):
+            keys = sorted(set(per_arm[arm]) & set(per_arm[other]))
+            if keys:
+                cmp = paired_bootstrap([per_arm[arm][k] for k in keys], [per_arm[other][k] for k in keys])
+                summary["comparisons"][f"{arm}_vs_{other}"] = {k: (v * 100 if k != "n_pairs" else v) for k, v in cmp.items()}
+    for silo, arch in archs.items():
+        summary["per_silo"][silo] = {"arch": arch, **{
+            arm: mean_std([acc for (seed, s), acc in per_arm[arm].items() if s == silo]) for arm in per_arm}}
+    for arm in arms:
+        if curves[arm]:
+            c = np.asarray(curves[arm])
+            summary["curves"][arm] = {"mean": c.mean(0).tolist(), "std": c.std(0).tolist()}
+        if llm[arm]:
+            summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm]]) for k in llm[arm][0]}
+    return summary
+
+
+def render(summary: dict) -> str:
+    lines = [f"# CrossLM study (seeds {summary['seeds']})", "", "## SLM accuracy, mean over silos (%)", "",
+             "| arm | mean | std | seeds |", "|---|---|---|---|"]
+    for arm, s in summary["arms"].items():
+        if s["n"]:
+            lines.append(f"| {arm} | {100 * s['mean']:.1f} | {100 * s['std']:.1f} | {s['n']} |")
+    lines += ["", "## Paired differences (points, 95 % bootstrap interval over silo×seed pairs)", "",
+              "| comparison | mean | 95 % interval | pairs |", "|---|---|---|---|"]
+    for name, c in summary["comparisons"].items():
+        lines.append(f"| {name} | {c['mean']:+.1f} | [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}] | {c['n_pairs']} |")
+    lines += ["", "## LLM", "", "| arm | zero-shot before | after | on-label before | after | ppl before | after |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, m in summary["llm"].items():
+        lines.append(f"| {arm} | {100 * m['acc_before']['mean']:.1f} | {100 * m['acc_after']['mean']:.1f} ± "
+                     f"{100 * m['acc_after']['std']:.1f} | {100 * m['on_label_before']['mean']:.1f} | "
+                     f"{100 * m['on_label_after']['mean']:.1f} | {m['ppl_before']['mean']:.2f} | {m['ppl_after']['mean']:.2f} |")
+    return "\n".join(lines) + "\n"

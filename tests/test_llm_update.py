@@ -1,0 +1,110 @@
+"""The LLM update's math on a tiny random Llama with a LoRA adapter."""
+
+import numpy as np
+import pytest
+import torch
+
+from crosslm_server.llm import LLMConfig, load_llm
+from crosslm_server.llm_update import (UpdateConfig, build_gen_batch, class_weights, gen_terms, task_term,
+                                       update_llm)
+from crosslm_server.prompts import generation_prompt, label_logits, verbalizer_ids
+from crosslm_shared.tasks import load_task
+
+
+@pytest.fixture()
+def llm(tiny_llm_dir):
+    torch.manual_seed(0)
+    return load_llm(LLMConfig(model=str(tiny_llm_dir), lora_r=4, target_modules=("q_proj", "v_proj")))
+
+
+@pytest.fixture()
+def task(toy_task_path):
+    return load_task(toy_task_path)
+
+
+def _batch(llm, task, texts, labels):
+    prompts = [generation_prompt(llm.tokenizer, task, lab, 0) for lab in labels]
+    return prompts, build_gen_batch(llm.tokenizer, prompts, texts, task.closing_mark, max_length=64, device=llm.device)
+
+
+def test_prompt_tokens_are_masked_out_of_the_generation_loss(llm, task):
+    prompts, batch = _batch(llm, task, ["good movie", "bad plot and dull film"], [1, 0])
+    for i, prompt in enumerate(prompts):
+        n_prompt = len(llm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert batch.gen_mask[i, :n_prompt].sum() == 0
+        assert batch.gen_mask[i, n_prompt:].sum() == batch.attention_mask[i, n_prompt:].sum() > 0
+    # L_gen equals the manual mean log-likelihood of generated tokens only
+    adv = torch.tensor([1.0, 1.0])
+    l_gen, _ = gen_terms(llm.model, batch, adv, with_kl=False)
+    logits = llm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    m = batch.gen_mask[:, 1:].float()
+    manual = -((logp * m).sum(1) / m.sum(1)).mean()
+    assert float(l_gen) == pytest.approx(float(manual), rel=1e-5)
+    # changing a prompt token's target leaves the loss over generated tokens unaffected except via context
+    assert m.sum() < batch.attention_mask[:, 1:].sum()
+
+
+def test_kl_is_exactly_zero_while_lora_b_is_zero(llm, task):
+    for name, p in llm.model.named_parameters():
+        if "lora_B" in name:
+            assert torch.count_nonzero(p) == 0
+    _, batch = _batch(llm, task, ["good movie", "bad plot"], [1, 0])
+    _, kl = gen_terms(llm.model, batch, torch.zeros(2), with_kl=True)
+    assert float(kl) == 0.0
+
+
+def test_kl_grows_once_the_adapter_moves(llm, task):
+    with torch.no_grad():
+        for name, p in llm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    _, batch = _batch(llm, task, ["good movie"], [1])
+    _, kl = gen_terms(llm.model, batch, torch.zeros(1), with_kl=True)
+    assert float(kl) > 0
+
+
+def _seq_logp(llm, batch):
+    with torch.no_grad():
+        logits = llm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        m = batch.gen_mask[:, 1:].float()
+        return ((logp * m).sum(1) / m.sum(1)).numpy()
+
+
+def test_positive_advantage_gains_likelihood_negative_loses(llm, task):
+    texts, labels = ["great superb lovely film", "awful dull boring plot"], [1, 0]
+    prompts, batch = _batch(llm, task, texts, labels)
+    before = _seq_logp(llm, batch)
+    cfg = UpdateConfig(gamma_gen=1.0, gamma_task=0.0, gamma_kl=0.0, lr=5e-3, batch_size=2, epochs=1)
+    stats = update_llm(llm, task, prompts, texts, labels, [1.0, -1.0], [], cfg, seed=0)
+    after = _seq_logp(llm, batch)
+    assert stats["steps"] == 1
+    assert after[0] > before[0]
+    assert after[1] < before[1]
+
+
+def test_task_loss_is_restricted_to_verbalizers_and_class_balanced(llm, task):
+    verb = verbalizer_ids(llm.tokenizer, task)
+    logits = label_logits(llm.model, llm.tokenizer, task, ["good film", "bad film"], verb)
+    assert logits.shape == (2, task.num_labels)
+    w = class_weights([0, 0, 0, 1], 3)
+    assert w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])
+    loss = task_term(llm.model, llm.tokenizer, task, ["good film", "bad film"], [1, 0], verb, class_weights([1, 0], 3))
+    manual = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0]))
+    assert float(loss) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_task_loss_raises_the_right_label_word(llm, task):
+    texts, labels = ["great superb lovely film"] * 4 + ["awful dull boring plot"] * 4, [1] * 4 + [0] * 4
+    prompts = [generation_prompt(llm.tokenizer, task, y, 0) for y in labels]
+    verb = verbalizer_ids(llm.tokenizer, task)
+    with torch.no_grad():
+        before = torch.log_softmax(label_logits(llm.model, llm.tokenizer, task, texts, verb), -1)
+    cfg = UpdateConfig(gamma_gen=0.0, gamma_task=1.0, gamma_kl=0.0, lr=1e-2, batch_size=8, epochs=3)
+    update_llm(llm, task, prompts, texts, labels, np.zeros(8), list(range(8)), cfg, seed=0)
+    with torch.no_grad():
+        after = torch.log_softmax(label_logits(llm.model, llm.tokenizer, task, texts, verb), -1)
+    idx = torch.arange(8)
+    y = torch.tensor(labels)
+    assert after[idx, y].mean() > before[idx, y].mean()

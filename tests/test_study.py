@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from crosslm_server.cli import main
+from crosslm_server.stats import mean_std, paired_bootstrap
+
+
+def test_paired_bootstrap_interval_contains_mean_and_detects_a_shift():
+    a = [0.70, 0.72, 0.75, 0.71, 0.69, 0.74]
+    b = [0.60, 0.65, 0.66, 0.60, 0.61, 0.63]
+    c = paired_bootstrap(a, b)
+    assert c["ci_low"] <= c["mean"] <= c["ci_high"]
+    assert c["ci_low"] > 0 and c["n_pairs"] == 6
+    flat = paired_bootstrap([0.5, 0.6, 0.4], [0.6, 0.5, 0.4])
+    assert flat["ci_low"] < 0 < flat["ci_high"]
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+
+
+def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
+    out = tmp_path / "study"
+    args = ["study", "--config", str(tiny_sim_config), "--out", str(out), "--seeds", "2", "--arms", "crosslm,no_kl",
+            "--set", "rounds=1"]
+    assert main(args) == 0
+    summary = json.loads((out / "study.json").read_text())
+    assert set(summary["arms"]) == {"silo_only", "zerogen", "crosslm", "no_kl"}
+    assert summary["arms"]["crosslm"]["n"] == 2
+    assert "crosslm_vs_silo_only" in summary["comparisons"] and "crosslm_vs_no_kl" in summary["comparisons"]
+    assert (out / "study.md").exists() and (out / "study_arms.png").exists() and (out / "study_rounds.png").exists()
+    # the baselines are computed once per seed and shared by the arms
+    assert len(list((out / "cache").glob("zerogen-*.json"))) == 2
+    # resumable: a finished (arm, seed) is not run again
+    report = out / "runs" / "no_kl" / "seed-1" / "report.json"
+    stamp = report.stat().st_mtime_ns
+    report_0 = out / "runs" / "no_kl" / "seed-0" / "report.json"
+    report_0.unlink()
+    assert main(args) == 0
+    assert report.stat().st_mtime_ns == stamp and report_0.exists()
