@@ -49,7 +49,7 @@ class TinyEngine:
         scores = sum(_proba(path, TEXTS) for path in request.peer_slm_dirs.values()) / len(request.peer_slm_dirs)
         pseudo = scores.argmax(dim=-1)
         emit("training_llm", {"step": 1, "loss": 1.0})
-        emit("filtering", {"kept": n, "total": n})
+        emit("filtering", {"total": n})
         emit("training_slm", {"examples": n})
         out = request.work_dir / "slm"
         _fine_tune(request.slm_dir, out, TEXTS, pseudo, steps=self.steps, pause=self.step_seconds)

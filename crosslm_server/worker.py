@@ -93,6 +93,7 @@ class Worker:
             request = self._request(sub)
             outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer))
             timer.close()
+            self._outcome_metrics(outcome.metrics, kept_seen=timer.kept_seen)
             result = self._store_result(sub, Path(outcome.slm_dir))
             svc.store.finish(sid, result=result, metrics=stringify_fields(outcome.metrics), now=svc.clock())
             svc.emit(sid, "ready", {"files": len(result.files), "bytes": result.total_size})
@@ -120,11 +121,19 @@ class Worker:
     def _emit(self, sid: str, kind: str, fields: Mapping[str, Any], timer: "_StageTimer") -> None:
         timer.enter(kind)
         metrics = self.service.metrics
-        if "tokens_per_s" in fields:
-            metrics.tokens_per_s.set(float(fields["tokens_per_s"]))
-        if kind == "filtering" and "kept" in fields:
-            metrics.samples_kept.inc(float(fields["kept"]))
+        if _number(fields.get("tokens_per_s")) is not None:
+            metrics.tokens_per_s.set(_number(fields["tokens_per_s"]))
+        if _number(fields.get("kept")) is not None:
+            metrics.samples_kept.inc(_number(fields["kept"]))
+            timer.kept_seen = True
         self.service.emit(sid, kind, fields)
+
+    def _outcome_metrics(self, metrics: Mapping[str, Any], *, kept_seen: bool) -> None:
+        """Figures an engine reports only at the end of the round (unless an event carried them)."""
+        if _number(metrics.get("tokens_per_s")) is not None:
+            self.service.metrics.tokens_per_s.set(_number(metrics["tokens_per_s"]))
+        if not kept_seen and _number(metrics.get("kept")) is not None:
+            self.service.metrics.samples_kept.inc(_number(metrics["kept"]))
 
     def _store_result(self, sub: Submission, slm_dir: Path):
         """Validate the engine's folder as a bundle and move a copy into results/ atomically."""
@@ -154,6 +163,7 @@ class _StageTimer:
 
     def __init__(self, metrics) -> None:
         self.metrics, self.stage, self.since = metrics, None, time.monotonic()
+        self.kept_seen = False
 
     def enter(self, stage: str) -> None:
         if stage != self.stage:
@@ -164,3 +174,14 @@ class _StageTimer:
         if self.stage is not None:
             self.metrics.stage_seconds.labels(self.stage).observe(time.monotonic() - self.since)
             self.stage = None
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from an engine's field, or None (fields may be any JSON-ish value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
