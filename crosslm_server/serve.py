@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import tempfile
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -65,10 +66,12 @@ class Server:
             self.store.check_writable()
         except CrossLMError as e:
             return False, str(e)
+        if not _dir_writable(Path(self.config.server.data_dir)):
+            return False, f"data_dir {str(self.config.server.data_dir)!r} is not writable"
         return self.worker.readiness()
 
     def _track_readiness(self) -> None:
-        while not self._stopping.wait(0.25):
+        while not self._stopping.wait(0.5):
             ok, _ = self.readiness()
             self.health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
 
@@ -112,6 +115,14 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+def _dir_writable(folder: Path) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def build_server(config: ServerConfig, *, engine_factory=None) -> Server:

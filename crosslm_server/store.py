@@ -97,6 +97,10 @@ class Store(abc.ABC):
         """1 for the next to run among queued submissions; 0 when not queued."""
 
     @abc.abstractmethod
+    def queued(self) -> list[str]:
+        """Ids of queued submissions, the next to run first."""
+
+    @abc.abstractmethod
     def queue_depth(self) -> int:
         """Number of queued submissions."""
 
@@ -211,6 +215,10 @@ class MemoryStore(Store):
         with self._lock:
             queued = [i for i in self._order if self._subs[i].stage == "queued"]
             return queued.index(submission_id) + 1 if submission_id in queued else 0
+
+    def queued(self) -> list[str]:
+        with self._lock:
+            return [i for i in self._order if self._subs[i].stage == "queued"]
 
     def queue_depth(self) -> int:
         with self._lock:

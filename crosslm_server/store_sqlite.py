@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,10 @@ CREATE TABLE IF NOT EXISTS events (
     time          REAL NOT NULL,
     fields        TEXT NOT NULL,
     PRIMARY KEY (submission_id, seq)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS peers (
     task          TEXT NOT NULL,
@@ -207,6 +212,11 @@ class SQLiteStore(Store):
                         "AND s.stage = 'queued' AND q.stage = 'queued' AND q.n <= s.n", {"id": submission_id})
         return row[0] if row else 0
 
+    def queued(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT submission_id FROM submissions WHERE stage = 'queued' ORDER BY n").fetchall()
+        return [r[0] for r in rows]
+
     def queue_depth(self) -> int:
         return self._one("SELECT COUNT(*) FROM submissions WHERE stage = 'queued'", {})[0]
 
@@ -219,7 +229,8 @@ class SQLiteStore(Store):
     def check_writable(self) -> None:
         try:
             with self._tx() as db:
-                db.execute("CREATE TEMP TABLE IF NOT EXISTS _probe (x)")
+                db.execute("INSERT INTO meta (key, value) VALUES ('write_probe', :now) "
+                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value", {"now": repr(time.time())})
         except sqlite3.Error as e:
             raise PreconditionError(f"store {self.path!r} is not writable: {e}") from e
 

@@ -81,7 +81,13 @@ class Worker:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            self._announce_positions()
             self.run_one(sub)
+
+    def _announce_positions(self) -> None:
+        """The queue moved: tell every waiting submission its new position."""
+        for position, waiting in enumerate(self.service.store.queued(), 1):
+            self.service.emit(waiting, "queued", {"position": position})
 
     def run_one(self, sub: Submission) -> None:
         svc, sid = self.service, sub.submission_id

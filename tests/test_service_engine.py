@@ -40,3 +40,20 @@ def test_an_engine_that_fails_to_load_keeps_the_server_unready(tmp_path):
         assert http_get(s, "/healthz")[0] == 200
     finally:
         s.stop(grace=0.5)
+
+
+def test_an_unwritable_store_makes_the_server_unready(tmp_path, monkeypatch):
+    from crosslm_shared.errors import PreconditionError
+
+    s = start_server(server_config(tmp_path / "srv"))
+    try:
+        for _ in range(100):
+            if http_get(s, "/readyz")[0] == 200:
+                break
+        def refuse():
+            raise PreconditionError("store 'state.db' is not writable: disk I/O error")
+        monkeypatch.setattr(s.store, "check_writable", refuse)
+        status, body = http_get(s, "/readyz")
+        assert status == 503 and "not writable" in json.loads(body)["reason"]
+    finally:
+        s.stop(grace=0.5)

@@ -183,3 +183,20 @@ def test_bad_config_exits_2_with_the_field_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "chunk_size=5" in r.stderr
+
+
+def test_waiting_submissions_hear_their_new_queue_position(tmp_path):
+    s = start_server(server_config(tmp_path / "srv", engine_options={"step_seconds": 0.05}))
+    try:
+        ids = []
+        with CrossLMClient(address(s), "a") as c:
+            for i in range(3):
+                folder, manifest = tiny_bundle(tmp_path / f"a{i}", seed=i)
+                c.upload(folder, manifest, f"a-upload-pos0{i}")
+            ids = [c.submit(f"a-upload-pos0{i}").submission_id for i in range(3)]
+            last = list(c.watch(ids[2]))
+        positions = [int(e.fields["position"]) for e in last if e.kind == "queued"]
+        assert positions[0] >= 2 and positions[-1] == 1 and positions == sorted(positions, reverse=True)
+        assert last[-1].kind == "ready"
+    finally:
+        s.stop(grace=1)

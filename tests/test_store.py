@@ -63,10 +63,12 @@ def test_claim_runs_oldest_first_and_tracks_queue(store):
         submitted(store, f"up-0000{i}", now=float(i))
     assert store.queue_depth() == 3
     assert [store.queue_position(f"s-up-0000{i}") for i in range(3)] == [1, 2, 3]
+    assert store.queued() == ["s-up-00000", "s-up-00001", "s-up-00002"]
     first = store.claim_next(now=5.0)
     assert first.submission_id == "s-up-00000" and first.stage == "running"
     assert store.queue_position("s-up-00000") == 0
     assert store.queue_position("s-up-00002") == 2
+    assert store.queued() == ["s-up-00001", "s-up-00002"]
     assert store.requeue_running(now=6.0) == ["s-up-00000"]
     assert store.claim_next(now=7.0).submission_id == "s-up-00000"
     done = store.finish("s-up-00000", result=manifest(), metrics={"acc": "0.5"}, now=8.0)
