@@ -60,7 +60,7 @@ class CrossLMService:
         self._changed = threading.Condition()
         self._upload_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._partials: dict[tuple[str, str], PartialFile] = {}
+        self._partials: dict[str, dict[str, PartialFile]] = {}  # upload id -> file -> file being received
         self.wake_worker: Callable[[], None] = lambda: None
         self.stopping = threading.Event()
 
@@ -130,7 +130,7 @@ class CrossLMService:
                 self.metrics.bytes_in.inc(len(chunk.data))
                 if part.done:
                     part.finish()
-                    self._partials.pop((upload.upload_id, chunk.file), None)
+                    self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
             if not all((folder / f.name).exists() or f.size == 0 for f in upload.manifest.files):
                 return upload, self.committed(upload)
             for f in upload.manifest.files:
@@ -140,6 +140,7 @@ class CrossLMService:
         except BundleError:
             self._discard(upload, folder)
             raise
+        self._partials.pop(upload.upload_id, None)
         os.replace(folder, self.bundle_dir(upload.upload_id))
         upload = self.store.mark_upload_complete(upload.upload_id)
         self.metrics.uploads.labels("complete").inc()
@@ -147,18 +148,17 @@ class CrossLMService:
         return upload, self.committed(upload)
 
     def _partial(self, upload: Upload, folder: Path, name: str) -> PartialFile:
-        key = (upload.upload_id, name)
-        if key not in self._partials:
+        files = self._partials.setdefault(upload.upload_id, {})
+        if name not in files:
             entry = upload.manifest.file(name)
             if (folder / name).exists():
                 raise BundleError(f"file {name!r} of upload {upload.upload_id!r} is already complete; "
                                   "send only files whose committed size is below their size")
-            self._partials[key] = PartialFile(folder / name, size=entry.size, sha256=entry.sha256)
-        return self._partials[key]
+            files[name] = PartialFile(folder / name, size=entry.size, sha256=entry.sha256)
+        return files[name]
 
     def _discard(self, upload: Upload, folder: Path) -> None:
-        for key in [k for k in self._partials if k[0] == upload.upload_id]:
-            del self._partials[key]
+        self._partials.pop(upload.upload_id, None)
         shutil.rmtree(folder, ignore_errors=True)
         self.store.delete_upload(upload.upload_id)
         self.metrics.uploads.labels("rejected").inc()

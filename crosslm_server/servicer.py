@@ -49,14 +49,26 @@ def status_of(error: CrossLMError) -> grpc.StatusCode:
     return next(code for cls, code in STATUS_OF if isinstance(error, cls))
 
 
+def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None:
+    """The one place where an exception becomes a status for the caller."""
+    if isinstance(error, CrossLMError):
+        context.abort(status_of(error), str(error))
+    if not context.is_active():  # the caller went away (or an idle timeout cut the stream)
+        log.info("%s ended: the caller is gone (%s)", method, type(error).__name__)
+        return
+    log.exception("%s failed unexpectedly", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); "
+                  "retry, and tell the server's operator if it persists")
+
+
 def _mapped(method):
-    """Turn a CrossLMError raised by a unary or client-stream handler into its status."""
+    """Map errors of a unary or client-stream handler (see `_abort`)."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except CrossLMError as e:
-            context.abort(status_of(e), str(e))
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            _abort(context, method.__name__, e)
     return wrapper
 
 
@@ -66,8 +78,8 @@ def _mapped_stream(method):
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except CrossLMError as e:
-            context.abort(status_of(e), str(e))
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            _abort(context, method.__name__, e)
     return wrapper
 
 
