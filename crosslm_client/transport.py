@@ -183,7 +183,11 @@ class CrossLMClient:
                     yield event
                     if event.kind in TERMINAL_EVENTS:
                         return
-                return
+                # The stream ended before ready / failed: the server let go; resume like after a drop.
+                delay = next(delays, None)
+                if delay is None:
+                    raise TransportError(f"watch {submission_id}: the server kept ending the stream early")
+                time.sleep(delay)
             except grpc.RpcError as e:
                 delay = next(delays, None)
                 if e.code() not in RETRYABLE or delay is None:

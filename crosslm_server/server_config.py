@@ -34,7 +34,7 @@ class ServerSection:
     max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
     max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
     max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait
-    grpc_workers: int = 16              # gRPC handler threads (each stream holds one)
+    grpc_workers: int = 32              # gRPC handler threads; each open stream (a Watch too) holds one
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
     idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)

@@ -39,6 +39,10 @@ class InvalidRequestError(CrossLMError):
     """A request field is malformed (INVALID_ARGUMENT)."""
 
 
+class StoppingError(CrossLMError):
+    """The server is shutting down; the caller should reconnect and resume (UNAVAILABLE)."""
+
+
 class UnauthenticatedError(CrossLMError):
     """The caller has no identity the server accepts (UNAUTHENTICATED)."""
 
@@ -206,7 +210,10 @@ class CrossLMService:
               active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[Event]:
         """Events with seq > after_seq as they come; ends after the submission is ready or failed."""
         self.get_submission(silo, submission_id)
-        while active() and not self.stopping.is_set():
+        while active():
+            if self.stopping.is_set():
+                raise StoppingError(f"the server is shutting down: reconnect and Watch {submission_id!r} "
+                                    f"with after_seq={after_seq}")
             terminal = self.store.get_submission(submission_id).terminal
             events = self.store.events_after(submission_id, after_seq)
             for event in events:

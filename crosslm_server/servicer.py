@@ -21,7 +21,7 @@ from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.transfer import IdleWatchdog
 from crosslm_server.metrics import Metrics
-from crosslm_server.service import CrossLMService, InvalidRequestError, UnauthenticatedError
+from crosslm_server.service import CrossLMService, InvalidRequestError, StoppingError, UnauthenticatedError
 from crosslm_server.store import UploadConflictError
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ _SILO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Most specific first: the first matching class decides the code.
 STATUS_OF: tuple[tuple[type[CrossLMError], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (StoppingError, grpc.StatusCode.UNAVAILABLE),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (UploadConflictError, grpc.StatusCode.ALREADY_EXISTS),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 from crosslm_client.tiny import new_tiny_slm
@@ -21,9 +20,10 @@ def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
 
 
 def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, **server) -> ServerConfig:
+    section = dict(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0, data_dir=data_dir,
+                   grace_s=5) | server
     return ServerConfig(
-        server=ServerSection(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                             data_dir=data_dir, grace_s=5, **server),
+        server=ServerSection(**section),
         store=StoreSection(kind=store),
         engine=EngineSection(name="tiny", options=dict(engine_options or {})))
 

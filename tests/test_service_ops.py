@@ -200,3 +200,31 @@ def test_waiting_submissions_hear_their_new_queue_position(tmp_path):
         assert last[-1].kind == "ready"
     finally:
         s.stop(grace=1)
+
+
+def test_a_watcher_resumes_across_a_server_restart(tmp_path):
+    """Shutdown ends Watch with UNAVAILABLE; the client reconnects and misses no event."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = server_config(tmp_path / "srv", grpc_port=port)
+    s = start_server(config, engine_factory=lambda: _NeverReady())
+    folder, manifest = tiny_bundle(tmp_path / "a")
+    client = CrossLMClient(address(s), "a", retry=RetryPolicy(initial_s=0.2, max_s=0.5, max_attempts=30))
+    client.upload(folder, manifest, "a-upload-watch1")
+    sid = client.submit("a-upload-watch1").submission_id
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.extend(client.watch(sid)))
+    watcher.start()
+    assert wait_for(lambda: len(seen) == 1)
+    s.stop(grace=0.5)
+    s2 = start_server(config)
+    try:
+        watcher.join(30)
+        assert not watcher.is_alive()
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1)) and seen[-1].kind == "ready"
+    finally:
+        client.close()
+        s2.stop(grace=1)
