@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 
 import grpc
 import pytest
@@ -154,11 +155,14 @@ class _NeverReady:
         raise AssertionError("never called")
 
 
-def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
-    cfg = tmp_path / "server.toml"
-    cfg.write_text('[server]\ngrpc_host = "127.0.0.1"\ngrpc_port = 0\nhttp_host = "127.0.0.1"\nhttp_port = 0\n'
-                   'data_dir = "data"\n[engine]\nname = "tiny"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)],
+def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
+    import re
+    import urllib.request
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "server.toml"
+    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(example),
+                             "--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         lines = []
@@ -167,10 +171,25 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
             if "serving gRPC" in line:
                 break
         assert any("PLAINTEXT DEV MODE" in l for l in lines)
+        grpc_port, http_port = map(int, re.search(r":(\d+) and HTTP on .*:(\d+)", lines[-1]).groups())
+
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert wait_for(lambda: get("/readyz")[0] == 200, timeout=120)
+        assert get("/healthz")[0] == 200
+        assert get("/v1/submissions") == (200, '{"submissions":[]}')
+        assert "crosslm_rounds_total" in get("/metrics")[1]
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        for service in ("", "crosslm.v1.CrossLM"):
+            assert wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(service=service)).status == SERVING)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        rest = proc.stderr.read()
-        assert "stopped" in rest
+        assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
