@@ -227,3 +227,43 @@ def test_an_upload_resumes_across_a_server_restart(tmp_path, big_bundle):
             assert c2.query_upload("a-restart-01")[1] is True
     finally:
         s2.stop(grace=1)
+
+
+def test_memory_stays_flat_while_a_large_bundle_moves(tmp_path):
+    """Python-side allocations stay at a few chunks for a 48 MiB bundle, up and down, both ends in one process."""
+    import tracemalloc
+
+    folder, _ = tiny_bundle(tmp_path / "silo")
+    n = 48 * 1024 * 1024 // 4
+    head = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    head += b" " * (-len(head) % 8)
+    block = os.urandom(1024 * 1024)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for _ in range(48):
+            f.write(block)
+    manifest = make_manifest(folder, task="rt", silo="a", arch="tiny", labels=LABELS)
+    s = start_server(server_config(tmp_path / "srv"), engine_factory=lambda: _Echo())
+    try:
+        with CrossLMClient(address(s), "a", retry=FAST) as client:
+            tracemalloc.start()
+            client.upload(folder, manifest, "a-flat-00001")
+            sub = client.submit("a-flat-00001")
+            list(client.watch(sub.submission_id))
+            client.download(sub.submission_id, client.get_submission(sub.submission_id).result, tmp_path / "back")
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert (tmp_path / "back" / "model.safetensors").stat().st_size == manifest.file("model.safetensors").size
+        assert peak < 16 * 1024 * 1024, f"peak Python allocation {peak / 2**20:.1f} MiB for a 48 MiB bundle"
+    finally:
+        s.stop(grace=1)
+
+
+class _Echo:
+    def ready(self):
+        return True
+
+    def run_round(self, request, emit):
+        from crosslm_server.engine_api import RoundOutcome
+
+        return RoundOutcome(request.slm_dir, {})
