@@ -27,7 +27,7 @@ from crosslm_shared.convert import stringify_fields
 from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, PermissionDeniedError,
                                    PreconditionError, ResourceExhaustedError)
 from crosslm_shared.records import Event, Submission, Upload
-from crosslm_shared.transfer import Chunk, PartialFile, committed_size, iter_chunks
+from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
 from crosslm_server.metrics import Metrics
 from crosslm_server.store import Store
 
@@ -127,23 +127,19 @@ class CrossLMService:
         folder.mkdir(parents=True, exist_ok=True)
         log.info("upload %s from silo %s: receiving (%d bytes in %d files)", upload.upload_id, upload.silo,
                  upload.manifest.total_size, len(upload.manifest.files))
-        try:
-            for chunk in chunks:
-                part = self._partial(upload, folder, chunk.file)
-                part.write(chunk)
-                self.metrics.bytes_in.inc(len(chunk.data))
-                if part.done:
-                    part.finish()
-                    self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
-            if not all((folder / f.name).exists() or f.size == 0 for f in upload.manifest.files):
-                return upload, self.committed(upload)
-            for f in upload.manifest.files:
-                if f.size == 0 and not (folder / f.name).exists():
-                    PartialFile(folder / f.name, size=0, sha256=f.sha256).finish()
-            validate_bundle_dir(folder, upload.manifest)
-        except BundleError:
-            self._discard(upload, folder)
-            raise
+        for chunk in chunks:  # protocol errors here refuse the stream but keep what is committed
+            part = self._partial(upload, folder, chunk.file)
+            part.write(chunk)
+            self.metrics.bytes_in.inc(len(chunk.data))
+            if part.done:
+                self._verified(upload, folder, part.finish)
+                self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
+        if not all((folder / f.name).exists() or f.size == 0 for f in upload.manifest.files):
+            return upload, self.committed(upload)
+        for f in upload.manifest.files:
+            if f.size == 0 and not (folder / f.name).exists():
+                self._verified(upload, folder, PartialFile(folder / f.name, size=0, sha256=f.sha256).finish)
+        self._verified(upload, folder, lambda: validate_bundle_dir(folder, upload.manifest))
         self._partials.pop(upload.upload_id, None)
         os.replace(folder, self.bundle_dir(upload.upload_id))
         upload = self.store.mark_upload_complete(upload.upload_id)
@@ -151,12 +147,20 @@ class CrossLMService:
         log.info("upload %s from silo %s: complete and verified", upload.upload_id, upload.silo)
         return upload, self.committed(upload)
 
+    def _verified(self, upload: Upload, folder: Path, check: Callable[[], object]) -> None:
+        """Run a check that proves the bundle bad when it fails: then nothing of the upload stays."""
+        try:
+            check()
+        except BundleError:
+            self._discard(upload, folder)
+            raise
+
     def _partial(self, upload: Upload, folder: Path, name: str) -> PartialFile:
         files = self._partials.setdefault(upload.upload_id, {})
         if name not in files:
             entry = upload.manifest.file(name)
             if (folder / name).exists():
-                raise BundleError(f"file {name!r} of upload {upload.upload_id!r} is already complete; "
+                raise OffsetError(f"file {name!r} of upload {upload.upload_id!r} is already complete; "
                                   "send only files whose committed size is below their size")
             files[name] = PartialFile(folder / name, size=entry.size, sha256=entry.sha256)
         return files[name]

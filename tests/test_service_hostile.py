@@ -104,3 +104,16 @@ def test_nothing_of_another_silo_can_be_downloaded_or_watched(server, bundle):
                                metadata=(("x-crosslm-silo", "a"),)))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert result is not None
+
+
+def test_a_corrupt_chunk_is_refused_but_committed_bytes_stay(server, bundle):
+    folder, manifest = bundle
+    config = (folder / "config.json").read_bytes()
+    bad = pb.UploadRequest(chunk=pb.Chunk(file="crosslm.json", offset=0, data=b"{}", crc32c=crc32c(b"{}") ^ 1))
+    code, details = upload(server, [header("a-hostile-08", manifest), chunk("config.json", 0, config), bad])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "CRC" in details
+    stub = pb_grpc.CrossLMStub(grpc.insecure_channel(address(server)))
+    status = stub.QueryUpload(pb.QueryUploadRequest(upload_id="a-hostile-08"), metadata=(("x-crosslm-silo", "a"),))
+    assert {f.name: f.committed for f in status.files}["config.json"] == len(config)
+    code, details = upload(server, [header("a-hostile-08", manifest), chunk("config.json", 0, config)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "already complete" in details
