@@ -75,8 +75,13 @@ class Worker:
             if not self.engine.ready():
                 self._stop.wait(0.1)
                 continue
-            sub = self.service.store.claim_next(now=self.service.clock())
-            self.service.metrics.queue_depth.set(self.service.store.queue_depth())
+            try:
+                sub = self.service.store.claim_next(now=self.service.clock())
+                self.service.metrics.queue_depth.set(self.service.store.queue_depth())
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the worker; /readyz shows the store
+                log.exception("worker could not claim work; retrying in %.1f s", self.poll_s)
+                self._stop.wait(self.poll_s)
+                continue
             if sub is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
