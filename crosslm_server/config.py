@@ -51,6 +51,9 @@ class SimConfig:
     archs: tuple[str, ...] = ("minilm", "mpnet4")  # SLM architecture per silo, cycled over the silos
     zerogen: bool = True  # also run the ZeroGen-style baseline (synthetic data from the untouched LLM)
     save_adapters: bool = True
+    # the silo continues the returned SLM on its private data alone, or on private data plus the
+    # kept synthetic set that came back with it (synthetic texts are not private)
+    continue_on: Literal["private", "private+synthetic"] = "private"
     split: SplitConfig = field(default_factory=SplitConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
@@ -61,6 +64,8 @@ class SimConfig:
             raise ConfigError(f"rounds = {self.rounds}; need at least 1")
         if not self.archs:
             raise ConfigError("archs must name at least one SLM architecture")
+        if self.continue_on not in ("private", "private+synthetic"):
+            raise ConfigError(f"continue_on = {self.continue_on!r}; use 'private' or 'private+synthetic'")
 
 
 def _build(cls, raw: dict, where: str):

@@ -46,7 +46,7 @@ def _per_silo(summary: dict, path: Path) -> Path:
         vals = [100 * summary["per_silo"][s][arm]["mean"] for s in silos]
         errs = [100 * summary["per_silo"][s][arm]["std"] for s in silos]
         ax.bar(x + (i - 1) * width, vals, width, yerr=errs, capsize=3, label=arm)
-    ax.set_xticks(x, [f"{s}\n({summary['per_silo'][s]['arch']})" for s in silos])
+    ax.set_xticks(x, [f"{s}\n({Path(summary['per_silo'][s]['arch']).name})" for s in silos])
     ax.set_ylabel("SLM test accuracy (%)")
     ax.set_title("Per silo: silo-only vs ZeroGen vs CrossLM (mean ± std over seeds)")
     ax.legend()

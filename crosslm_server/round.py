@@ -33,6 +33,7 @@ class RoundResult:
     scores: Scores
     keep: list[int]
     metrics: dict
+    synthetic: tuple[list[str], np.ndarray]  # the kept texts and the targets the SLM was enhanced on
 
 
 def _noop(kind: str, fields: Mapping[str, Any]) -> None:
@@ -92,4 +93,4 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
         "tokens_per_s": gen.tokens_per_second,
         "seconds_per_stage": seconds,
     }
-    return RoundResult(enhanced, gen.samples, scores, keep, metrics)
+    return RoundResult(enhanced, gen.samples, scores, keep, metrics, (kept_texts, target))

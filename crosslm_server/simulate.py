@@ -74,10 +74,12 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) ->
     keep = select(texts, labels, scores.probs, cfg.round.filter)
     target = targets([labels[i] for i in keep], scores.probs[keep], cfg.round.enhance)
     out = {"generated": len(texts), "kept": len(keep), "silos": {}}
+    kept_texts = [texts[i] for i in keep]
+    synthetic = (kept_texts, target) if cfg.continue_on == "private+synthetic" else None
     for silo in split.silos:
-        enhanced, _ = enhance_slm(local[silo.name], [texts[i] for i in keep], target, cfg.round.enhance, cfg.round.slm)
+        enhanced, _ = enhance_slm(local[silo.name], kept_texts, target, cfg.round.enhance, cfg.round.slm)
         chosen, info = adopt_if_better(local[silo.name], enhanced, _pair(silo.train), _pair(silo.val),
-                                       cfg.round.slm, desc=f"{silo.name} zerogen")
+                                       cfg.round.slm, synthetic=synthetic, desc=f"{silo.name} zerogen")
         out["silos"][silo.name] = {"acc": chosen.evaluate(*_pair(silo.test)), "adopted": info["adopted"]}
     return out
 
@@ -93,7 +95,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     c = as_dict(cfg)
     base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"])
     llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
-    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"])
+    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"], c["continue_on"])
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     task = load_task(cfg.task)
@@ -144,7 +146,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
             res = run_round(llm, task, latest[silo.name], list(latest.values()), rcfg,
                             seed=cfg.seed * 1000 + r * 100 + j)
             chosen, info = adopt_if_better(latest[silo.name], res.enhanced, _pair(silo.train), _pair(silo.val),
-                                           slm_cfg, desc=f"{silo.name} r{r}")
+                                           slm_cfg, synthetic=res.synthetic if cfg.continue_on == "private+synthetic"
+                                           else None, desc=f"{silo.name} r{r}")
             latest[silo.name] = chosen
             acc = chosen.evaluate(*_pair(silo.test))
             report["silos"][silo.name]["acc_after"].append(acc)

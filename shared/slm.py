@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -54,12 +54,18 @@ class SLMTrainConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     seed: int = 0
+    # what selection (lr, epoch, keep-if-better) maximises on the validation split:
+    # "balanced_accuracy" (mean per-label recall) does not reward a label-skewed silo's
+    # model for answering its majority label
+    select_metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ConfigError(f"slm.lrs = {self.lrs}; give one or more positive learning rates")
         if self.max_epochs < 1 or self.batch_size < 1:
             raise ConfigError("slm.max_epochs and slm.batch_size must be >= 1")
+        if self.select_metric not in ("accuracy", "balanced_accuracy"):
+            raise ConfigError(f"slm.select_metric = {self.select_metric!r}; use 'accuracy' or 'balanced_accuracy'")
 
 
 @dataclass
@@ -91,11 +97,15 @@ class SLM:
         t = self.temperature if calibrated else 1.0
         return torch.softmax(self.logits(texts) / t, dim=-1).numpy()
 
-    def evaluate(self, texts: Sequence[str], labels: Sequence[int]) -> float:
+    def evaluate(self, texts: Sequence[str], labels: Sequence[int], *, metric: str = "accuracy") -> float:
+        """Accuracy, or balanced accuracy (mean recall over the labels present in ``labels``)."""
         if not len(texts):
             return float("nan")
         pred = self.logits(texts).argmax(-1).numpy()
-        return float((pred == np.asarray(labels)).mean())
+        y = np.asarray(labels)
+        if metric == "balanced_accuracy":
+            return float(np.mean([(pred[y == lab] == lab).mean() for lab in np.unique(y)]))
+        return float((pred == y).mean())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -157,7 +167,7 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
     to the later epoch) and returned figures describe it.
     """
     if len(texts) == 0:
-        return {"epochs": 0, "val_acc": slm.evaluate(*val) if val else float("nan")}
+        return {"epochs": 0, "val_acc": slm.evaluate(*val, metric=cfg.select_metric) if val else float("nan")}
     y = _targets(targets, len(slm.labels))
     dev = next(slm.model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -187,7 +197,7 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
             if progress:
                 progress(bar.n, total)
         if val is not None:
-            acc = slm.evaluate(*val)
+            acc = slm.evaluate(*val, metric=cfg.select_metric)
             if acc >= best[0]:
                 best = (acc, epoch, {k: v.detach().clone() for k, v in slm.model.state_dict().items()})
     bar.close()
@@ -232,14 +242,27 @@ def calibrate_temperature(slm: SLM, texts: Sequence[str], labels: Sequence[int])
     return float(grid[int(nll.argmin())])
 
 
+def with_synthetic(train: tuple[Sequence[str], Sequence[int]], synthetic: tuple[Sequence[str], np.ndarray] | None,
+                   k: int) -> tuple[list[str], np.ndarray]:
+    """Private examples (one-hot) followed by synthetic ones (their soft or hard targets)."""
+    texts = list(train[0])
+    targets = _targets(train[1], k).numpy()
+    if synthetic is not None and len(synthetic[0]):
+        texts += list(synthetic[0])
+        targets = np.concatenate([targets, _targets(synthetic[1], k).numpy()])
+    return texts, targets
+
+
 def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Sequence[int]],
                     val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
+                    synthetic: tuple[Sequence[str], np.ndarray] | None = None,
                     desc: str = "continue") -> tuple[SLM, dict]:
-    """The silo's side of a round: continue the returned SLM on private data (same selection as
-    every baseline), then keep whichever of it and ``current`` is better on the validation split
-    (ties go to the newer model, which has seen more data)."""
-    continued, info = train_selected(returned, current.labels, train, val, cfg, desc=desc)
-    current_acc = current.evaluate(*val)
+    """The silo's side of a round: continue the returned SLM on private data (plus the returned
+    synthetic set, if given), with the same selection as every baseline, then keep whichever of
+    it and ``current`` is better on the validation split (ties go to the newer model)."""
+    data = with_synthetic(train, synthetic, len(current.labels))
+    continued, info = train_selected(returned, current.labels, data, val, cfg, desc=desc)
+    current_acc = current.evaluate(*val, metric=cfg.select_metric)
     adopted = info["val_acc"] >= current_acc
     return (continued if adopted else current), {
         "adopted": adopted, "val_acc_current": current_acc, "val_acc_returned": info["val_acc"], **info}

@@ -48,3 +48,23 @@ def test_soft_targets_and_adopt_if_better(tiny_slm_dir):
     chosen, info = adopt_if_better(base, base.clone(), (texts, labels), (texts, labels), cfg)
     assert info["val_acc_returned"] >= info["val_acc_current"] and info["adopted"]
     assert chosen is not base
+
+
+def test_balanced_accuracy_does_not_reward_a_majority_answerer(tiny_slm_dir):
+    slm = new_slm(str(tiny_slm_dir), ["n", "p"])
+    texts = ["good film"] * 9 + ["bad film"]
+    labels = [1] * 9 + [0]
+    pred = slm.logits(texts).argmax(-1).numpy()
+    acc = slm.evaluate(texts, labels)
+    bal = slm.evaluate(texts, labels, metric="balanced_accuracy")
+    expected = np.mean([(pred[np.array(labels) == k] == k).mean() for k in (0, 1)])
+    assert bal == pytest.approx(expected) and acc == pytest.approx((pred == np.array(labels)).mean())
+
+
+def test_with_synthetic_appends_soft_targets():
+    from crosslm_shared.slm import with_synthetic
+
+    texts, targets = with_synthetic((["a", "b"], [0, 1]), (["c"], np.array([[0.3, 0.7]])), 2)
+    assert texts == ["a", "b", "c"]
+    assert targets.tolist() == [[1, 0], [0, 1], [pytest.approx(0.3), pytest.approx(0.7)]]
+    assert with_synthetic((["a"], [1]), None, 2)[1].tolist() == [[0, 1]]
