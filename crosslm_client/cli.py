@@ -1,0 +1,81 @@
+"""`crosslm-client`: the silo daemon.
+
+Exit codes: 0 all rounds ran, 2 bad config or data, 3 authentication / permission refused,
+4 the server could not be reached or refused a request, 5 a model package is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from crosslm_client.config import load_silo_config
+from crosslm_client.daemon import run
+from crosslm_client.transport import FATAL_AUTH, TransportError
+from crosslm_shared.errors import AssetMissingError, ConfigError, CrossLMError, DataError
+
+log = logging.getLogger("crosslm_client")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crosslm-client", description="CrossLM silo daemon.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging level (default: INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, upload, wait for the enhanced SLM, evaluate; repeat")
+    r.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
+    r.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
+    r.add_argument("--rounds", type=int, default=None, help="override [rounds] count; 0 = forever (default: from file)")
+    d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files from a task's offline dataset")
+    d.add_argument("--task", default="rotten_tomatoes", help="built-in task name or task TOML (default: rotten_tomatoes)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for silo-a.csv ... (default: runs/demo)")
+    d.add_argument("--silos", type=int, default=4, help="number of silos (default: 4)")
+    d.add_argument("--n-private", type=int, default=128, help="private examples per silo (default: 128)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prepare-demo":
+        return _prepare_demo(args)
+    try:
+        config = load_silo_config(args.config, overrides={"server": {"address": args.server},
+                                                          "rounds": {"count": args.rounds}})
+        reports = run(config)
+    except (ConfigError, DataError) as e:
+        log.error("%s", e)
+        return 2
+    except TransportError as e:
+        log.error("%s", e)
+        return 3 if e.code in FATAL_AUTH else 4
+    except AssetMissingError as e:
+        log.error("%s", e)
+        return 5
+    except CrossLMError as e:
+        log.error("%s", e)
+        return 4
+    log.info("done: %d round(s); reports in %s", len(reports), config.output_dir / "reports")
+    return 0
+
+
+def _prepare_demo(args) -> int:
+    from crosslm_client.demo import prepare_demo
+
+    try:
+        paths = prepare_demo(args.task, args.out, silos=args.silos, n_private=args.n_private, seed=args.seed)
+    except (ConfigError, DataError) as e:
+        log.error("%s", e)
+        return 2
+    except AssetMissingError as e:
+        log.error("%s", e)
+        return 5
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

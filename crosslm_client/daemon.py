@@ -1,0 +1,129 @@
+"""The silo daemon (DESIGN.md §5): train, bundle, upload, watch, download, evaluate, keep the better.
+
+Only the SLM's weights, config and tokenizer files leave the silo (the bundle allow-list);
+the private texts never do. One JSON report per round goes to <output_dir>/reports/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crosslm_client import models
+from crosslm_client.config import SiloConfig
+from crosslm_client.data import Examples, load_examples, split
+from crosslm_client.transport import CrossLMClient, RetryPolicy
+from crosslm_shared.bundle import Manifest, make_manifest, validate_bundle_dir
+from crosslm_shared.convert import manifest_to_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiloState:
+    model_dir: Path
+    accuracy: float
+    temperature: float
+
+
+def upload_id_for(silo: str, round_no: int, manifest: Manifest) -> str:
+    """Deterministic: a restarted daemon resumes the same upload instead of starting over."""
+    digest = hashlib.sha256(manifest_to_json(manifest).encode()).hexdigest()[:16]
+    return f"{silo}-r{round_no}-{digest}"
+
+
+def run(config: SiloConfig) -> list[dict[str, Any]]:
+    s = config.silo
+    out = config.output_dir
+    (out / "reports").mkdir(parents=True, exist_ok=True)
+    examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
+    log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
+    state = _initial_model(config, train, held)
+    retry = RetryPolicy(initial_s=config.server.backoff_initial_s, max_s=config.server.backoff_max_s,
+                        max_attempts=config.server.max_attempts)
+    reports = []
+    with CrossLMClient(config.server.address, s.name, chunk_size=config.server.chunk_size, retry=retry,
+                       idle_timeout_s=config.server.idle_timeout_s) as client:
+        round_no = 1
+        while config.rounds.count == 0 or round_no <= config.rounds.count:
+            report, state = run_round(config, client, state, round_no, train, held)
+            (out / "reports" / f"round-{round_no:03d}.json").write_text(json.dumps(report, indent=2))
+            reports.append(report)
+            round_no += 1
+            if config.rounds.count == 0 or round_no <= config.rounds.count:
+                time.sleep(config.rounds.interval_s)
+    return reports
+
+
+def _initial_model(config: SiloConfig, train: Examples, held: Examples) -> SiloState:
+    folder = config.output_dir / "models" / "round-000"
+    model = models.train_new(config, train, held, work_dir=config.output_dir / "work")
+    temperature = models.calibrate(config, model, held)
+    accuracy = model.evaluate(*held)
+    _save(model, folder)
+    log.info("silo %s: trained %s SLM, held-out accuracy %.4f, temperature %.3f",
+             config.silo.name, config.silo.arch, accuracy, temperature)
+    return SiloState(folder, accuracy, temperature)
+
+
+def _save(model: Any, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round_no: int,
+              train: Examples, held: Examples) -> tuple[dict[str, Any], SiloState]:
+    s = config.silo
+    started = time.monotonic()
+    manifest = make_manifest(state.model_dir, task=s.task, silo=s.name, arch=s.arch, labels=s.labels,
+                             temperature=state.temperature, heldout_accuracy=state.accuracy)
+    upload_id = upload_id_for(s.name, round_no, manifest)
+    report: dict[str, Any] = {"round": round_no, "silo": s.name, "task": s.task, "upload_id": upload_id,
+                              "accuracy_before": state.accuracy, "bundle_bytes": manifest.total_size}
+    t0 = time.monotonic()
+    client.upload(state.model_dir, manifest, upload_id)
+    report["upload_seconds"] = round(time.monotonic() - t0, 3)
+    sub = client.submit(upload_id)
+    report["submission_id"] = sub.submission_id
+    log.info("silo %s: round %d submitted as %s", s.name, round_no, sub.submission_id)
+    events = []
+    for event in client.watch(sub.submission_id):
+        events.append({"seq": event.seq, "kind": event.kind, **event.fields})
+        log.info("silo %s: submission %s: %s %s", s.name, sub.submission_id, event.kind, dict(event.fields))
+    report["events"] = events
+    done = client.get_submission(sub.submission_id)
+    report["server_metrics"] = dict(done.metrics)
+    if done.stage != "ready" or done.result is None:
+        report.update(outcome="failed", error=done.error, kept="previous", accuracy_after=state.accuracy,
+                      seconds=round(time.monotonic() - started, 3))
+        log.warning("silo %s: round %d failed on the server: %s", s.name, round_no, done.error)
+        return report, state
+    dest = config.output_dir / "downloads" / sub.submission_id
+    t0 = time.monotonic()
+    client.download(sub.submission_id, done.result, dest)
+    report["download_seconds"] = round(time.monotonic() - t0, 3)
+    validate_bundle_dir(dest, done.result)
+    enhanced = models.continue_training(config, models.load(config, dest), train, held)
+    temperature = models.calibrate(config, enhanced, held)
+    accuracy = enhanced.evaluate(*held)
+    report.update(outcome="ready", accuracy_enhanced=accuracy)
+    if accuracy > state.accuracy:
+        folder = config.output_dir / "models" / f"round-{round_no:03d}"
+        _save(enhanced, folder)
+        state = SiloState(folder, accuracy, temperature)
+        report["kept"] = "enhanced"
+    else:
+        report["kept"] = "previous"
+    report.update(accuracy_after=state.accuracy, seconds=round(time.monotonic() - started, 3))
+    log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s)", s.name, round_no,
+             report["accuracy_before"], accuracy, report["kept"])
+    return report, state

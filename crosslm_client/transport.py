@@ -1,0 +1,232 @@
+"""The silo's side of the wire: resumable upload, watch and download over gRPC.
+
+Retries with exponential backoff and full jitter on transient codes (UNAVAILABLE,
+DEADLINE_EXCEEDED, a cancelled or broken stream); every retry first asks the server what it
+already holds, so at most one in-flight chunk is sent twice. Auth and invalid-argument
+errors are fatal at once. No call has a total deadline: a slow transfer that is making
+progress is never cut; HTTP/2 keepalive pings detect a dead peer instead.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from crosslm_shared import convert
+from crosslm_shared.bundle import Manifest
+from crosslm_shared.errors import CrossLMError
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
+from crosslm_shared.records import TERMINAL_EVENTS, Event, Submission
+from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, Chunk, IdleWatchdog, PartialFile, iter_chunks
+
+log = logging.getLogger(__name__)
+SILO_METADATA_KEY = "x-crosslm-silo"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+FATAL_AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+class TransportError(CrossLMError):
+    """A call failed for good; `code` is the gRPC status (exit code 3 for auth, 4 otherwise)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    max_attempts: int = 10
+
+    def delays(self) -> Iterator[float]:
+        """Full-jitter exponential backoff: uniform(0, min(max, initial * multiplier**n))."""
+        for n in range(self.max_attempts - 1):
+            yield random.uniform(0, min(self.max_s, self.initial_s * self.multiplier ** n))
+
+
+class CrossLMClient:
+    def __init__(self, address: str, silo: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 max_message_bytes: int = 6 * 1024 * 1024, retry: RetryPolicy = RetryPolicy(),
+                 keepalive_s: int = 30, idle_timeout_s: float = 120.0):
+        self.address, self.silo, self.chunk_size, self.retry = address, silo, chunk_size, retry
+        self.idle_timeout_s = idle_timeout_s
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.keepalive_time_ms", keepalive_s * 1000),
+                         ("grpc.keepalive_timeout_ms", 20_000)]
+        self._metadata = ((SILO_METADATA_KEY, silo),)
+        self.channel: grpc.Channel | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = grpc.insecure_channel(self.address, options=self._options)
+        self.stub = pb_grpc.CrossLMStub(self.channel)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def __enter__(self) -> "CrossLMClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- retries ----------------------------------------------------------------------------
+    def _retrying(self, what: str, attempt: Callable[[], object], *,
+                  also_retry: frozenset[grpc.StatusCode] = frozenset()):
+        delays = self.retry.delays()
+        while True:
+            try:
+                return attempt()
+            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.CANCELLED
+                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                if code not in RETRYABLE | also_retry:
+                    hint = " (check the silo's identity / certificate)" if code in FATAL_AUTH else ""
+                    raise TransportError(f"{what} failed: {code.name}: {detail}{hint}", code) from e
+                delay = next(delays, None)
+                if delay is None:
+                    raise TransportError(f"{what} failed after {self.retry.max_attempts} attempts: "
+                                         f"{code.name}: {detail}", code) from e
+                log.warning("silo %s: %s: %s (%s); retrying in %.1f s", self.silo, what, code.name, detail, delay)
+                time.sleep(delay)
+                self._connect()
+
+    # ---- upload -----------------------------------------------------------------------------
+    def query_upload(self, upload_id: str) -> tuple[dict[str, int], bool] | None:
+        """Committed bytes per file and completeness, or None when the server has no such upload."""
+        try:
+            status = self.stub.QueryUpload(pb.QueryUploadRequest(upload_id=upload_id), metadata=self._metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return convert.upload_status_from_pb(status)
+
+    def upload(self, folder: Path, manifest: Manifest, upload_id: str, *,
+               on_chunk: Callable[[Chunk], None] | None = None) -> None:
+        """Send a bundle, resuming from what the server holds after any drop. Idempotent."""
+        def attempt() -> None:
+            held = self.query_upload(upload_id)
+            committed, complete = held if held else ({}, False)
+            # When the server says complete, a header-only stream still lets it confirm that
+            # this id was registered with this very manifest (ALREADY_EXISTS otherwise).
+            messages = self._upload_messages(folder, manifest, upload_id, committed, on_chunk)
+            calls: list[grpc.Future] = []
+            watchdog = IdleWatchdog(self.idle_timeout_s, lambda: [c.cancel() for c in calls])
+            try:
+                calls.append(self.stub.Upload.future(_kicking(_only_first(messages) if complete else messages,
+                                                              watchdog), metadata=self._metadata))
+                status = calls[0].result()
+            finally:
+                watchdog.close()
+            if not status.complete:
+                raise TransportError(f"upload {upload_id} ended incomplete: "
+                                     f"{convert.upload_status_from_pb(status)[0]}")
+        # FAILED_PRECONDITION: the server still holds the previous stream, or an offset moved;
+        # the next attempt asks again what is committed.
+        self._retrying(f"upload {upload_id}", attempt, also_retry=frozenset({grpc.StatusCode.FAILED_PRECONDITION}))
+        log.info("silo %s: upload %s complete (%d bytes)", self.silo, upload_id, manifest.total_size)
+
+    def _upload_messages(self, folder, manifest, upload_id, committed, on_chunk) -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=pb.UploadHeader(upload_id=upload_id,
+                                                      manifest=convert.manifest_to_pb(manifest)))
+        for entry in manifest.files:
+            offset = committed.get(entry.name, 0)
+            if offset >= entry.size:
+                continue
+            for chunk in iter_chunks(folder / entry.name, name=entry.name, offset=offset,
+                                     chunk_size=self.chunk_size):
+                if on_chunk is not None:
+                    on_chunk(chunk)
+                yield pb.UploadRequest(chunk=convert.chunk_to_pb(chunk))
+
+    # ---- submissions ------------------------------------------------------------------------
+    def submit(self, upload_id: str) -> Submission:
+        # RESOURCE_EXHAUSTED on Submit means the queue is full: worth waiting for.
+        return self._retrying(f"submit {upload_id}", lambda: convert.submission_from_pb(
+            self.stub.Submit(pb.SubmitRequest(upload_id=upload_id), metadata=self._metadata)),
+            also_retry=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}))
+
+    def get_submission(self, submission_id: str) -> Submission:
+        return self._retrying(f"get {submission_id}", lambda: convert.submission_from_pb(
+            self.stub.GetSubmission(pb.GetSubmissionRequest(submission_id=submission_id), metadata=self._metadata)))
+
+    def list_submissions(self) -> list[Submission]:
+        reply = self._retrying("list", lambda: self.stub.ListSubmissions(pb.ListSubmissionsRequest(),
+                                                                          metadata=self._metadata))
+        return [convert.submission_from_pb(s) for s in reply.submissions]
+
+    def watch(self, submission_id: str, *, after_seq: int = 0) -> Iterator[Event]:
+        """Events after `after_seq` until ready / failed, reconnecting without missing any."""
+        last = after_seq
+        delays = self.retry.delays()
+        while True:
+            try:
+                for msg in self.stub.Watch(pb.WatchRequest(submission_id=submission_id, after_seq=last),
+                                           metadata=self._metadata):
+                    event = convert.event_from_pb(msg)
+                    last = event.seq
+                    yield event
+                    if event.kind in TERMINAL_EVENTS:
+                        return
+                # The stream ended before ready / failed: the server let go; resume like after a drop.
+                delay = next(delays, None)
+                if delay is None:
+                    raise TransportError(f"watch {submission_id}: the server kept ending the stream early")
+                time.sleep(delay)
+            except grpc.RpcError as e:
+                delay = next(delays, None)
+                if e.code() not in RETRYABLE or delay is None:
+                    raise TransportError(f"watch {submission_id} failed: {e.code().name}: {e.details()}",
+                                         e.code()) from e
+                log.warning("silo %s: watch %s dropped (%s); resuming after event %d",
+                            self.silo, submission_id, e.code().name, last)
+                time.sleep(delay)
+                self._connect()
+
+    # ---- download ---------------------------------------------------------------------------
+    def download(self, submission_id: str, result: Manifest, dest: Path) -> Path:
+        """Fetch every file of the result bundle into `dest`, resuming partial files; verified."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in result.files:
+            final = dest / entry.name
+            if final.exists() and final.stat().st_size == entry.size:
+                continue
+            part = PartialFile(final, size=entry.size, sha256=entry.sha256)
+
+            def attempt(part=part, entry=entry) -> None:
+                if not part.done:
+                    stream = self.stub.Download(pb.DownloadRequest(submission_id=submission_id, file=entry.name,
+                                                                   offset=part.committed), metadata=self._metadata)
+                    with IdleWatchdog(self.idle_timeout_s, stream.cancel) as watchdog:
+                        for msg in stream:
+                            watchdog.kick()
+                            part.write(convert.chunk_from_pb(msg), sync=False)
+                part.finish()
+            self._retrying(f"download {submission_id}/{entry.name}", attempt)
+        return dest
+
+
+def _kicking(messages: Iterator[pb.UploadRequest], watchdog: IdleWatchdog) -> Iterator[pb.UploadRequest]:
+    """Kick the idle watchdog whenever gRPC takes the next message (i.e. the link moves)."""
+    for message in messages:
+        watchdog.kick()
+        yield message
+
+
+def _only_first(messages: Iterator[pb.UploadRequest]) -> Iterator[pb.UploadRequest]:
+    yield next(messages)

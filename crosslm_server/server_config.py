@@ -1,0 +1,127 @@
+"""Server configuration: one dataclass per TOML section, checked in __post_init__.
+
+Relative paths in a config file are resolved against the file's folder.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from crosslm_shared.errors import ConfigError
+from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from crosslm_server.engine_api import ENGINES
+
+MiB = 1024 * 1024
+StoreKind = Literal["sqlite", "memory"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _bad(section: str, name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"[{section}] {name}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    grpc_host: str = "0.0.0.0"          # interface the gRPC server binds
+    grpc_port: int = 50051              # gRPC port (0 = any free port)
+    http_host: str = "0.0.0.0"          # interface of /healthz /readyz /metrics /v1/submissions
+    http_port: int = 8080               # HTTP port (0 = any free port)
+    data_dir: Path = Path("crosslm-data")  # uploads, bundles, results, work folders and the SQLite file
+    plaintext_dev_mode: bool = True     # no TLS; silo named by the x-crosslm-silo header. Demo only
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
+    max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
+    max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
+    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait
+    grpc_workers: int = 32              # gRPC handler threads; each open stream (a Watch too) holds one
+    grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
+    keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
+    idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
+    log_level: LogLevel = "INFO"        # logging level of the server process
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise _bad("server", name, getattr(self, name), "0..65535")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise _bad("server", "chunk_size", self.chunk_size, f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        if not MAX_CHUNK_SIZE + 64 * 1024 <= self.max_message_bytes <= 64 * MiB:
+            raise _bad("server", "max_message_bytes", self.max_message_bytes,
+                       f"{MAX_CHUNK_SIZE + 64 * 1024}..{64 * MiB} (a 4 MiB chunk plus framing, at most 64 MiB)")
+        if self.max_bundle_bytes <= 0:
+            raise _bad("server", "max_bundle_bytes", self.max_bundle_bytes, "> 0")
+        if self.idle_timeout_s < 0:
+            raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
+        if self.max_queue < 1:
+            raise _bad("server", "max_queue", self.max_queue, ">= 1")
+        if self.grpc_workers < 2:
+            raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
+        if self.log_level not in get_args(LogLevel):
+            raise _bad("server", "log_level", self.log_level, str(get_args(LogLevel)))
+        if not self.plaintext_dev_mode:
+            raise _bad("server", "plaintext_dev_mode", self.plaintext_dev_mode,
+                       "true (mTLS is not implemented yet; it lands with the security issue)")
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    kind: StoreKind = "sqlite"          # "sqlite" (durable, WAL) or "memory" (tests: forgets on exit)
+    path: Path | None = None            # SQLite file; default <data_dir>/state.db
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(StoreKind):
+            raise _bad("store", "kind", self.kind, str(get_args(StoreKind)))
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    name: str = "tiny"                  # engine registry name: "tiny" (tests) or "crosslm" (the real round)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the engine's constructor
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise _bad("engine", "name", self.name, str(sorted(ENGINES)))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerSection = field(default_factory=ServerSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or self.server.data_dir / "state.db"
+
+
+def _section(cls, section: str, raw: dict[str, Any], base: Path):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known: {sorted(known)}")
+    values = dict(raw)
+    for name, value in raw.items():
+        if name in ("data_dir", "path") and value is not None:
+            values[name] = (base / Path(value)).resolve()
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"[{section}]: {e}") from e
+
+
+def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> ServerConfig:
+    """Read a TOML file; `overrides` ({section: {key: value}}) come from command-line flags."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read server config {str(path)!r}: {e}") from e
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    unknown = sorted(set(raw) - {"server", "store", "engine"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")
+    base = Path(path).resolve().parent
+    return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),
+                        store=_section(StoreSection, "store", raw.get("store", {}), base),
+                        engine=_section(EngineSection, "engine", raw.get("engine", {}), base))

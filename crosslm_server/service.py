@@ -1,0 +1,257 @@
+"""Service logic behind the gRPC servicer: uploads, submissions, events, downloads.
+
+Works on frozen records only (the servicer converts protobuf at the edge). Files on disk,
+under the server's data directory:
+    uploads/<upload_id>/<file>.part   bytes being received (fsynced after every chunk)
+    uploads/<upload_id>/<file>        a file whose SHA-256 matched
+    bundles/<upload_id>/              a complete, validated bundle (renamed as one folder)
+    results/<submission_id>/          the enhanced SLM, ready to download
+    work/<submission_id>/             the engine's scratch folder (kept across a rerun)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crosslm_shared.bundle import Manifest, validate_bundle_dir, validate_manifest
+from crosslm_shared.convert import stringify_fields
+from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, PermissionDeniedError,
+                                   PreconditionError, ResourceExhaustedError)
+from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
+from crosslm_server.metrics import Metrics
+from crosslm_server.store import Store
+
+log = logging.getLogger(__name__)
+UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
+
+
+class InvalidRequestError(CrossLMError):
+    """A request field is malformed (INVALID_ARGUMENT)."""
+
+
+class StoppingError(CrossLMError):
+    """The server is shutting down; the caller should reconnect and resume (UNAVAILABLE)."""
+
+
+class UnauthenticatedError(CrossLMError):
+    """The caller has no identity the server accepts (UNAUTHENTICATED)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bundle_bytes: int
+    chunk_size: int
+    max_queue: int = 100
+    upload_lock_timeout_s: float = 30.0
+
+
+class CrossLMService:
+    def __init__(self, store: Store, data_dir: Path, *, limits: Limits, metrics: Metrics,
+                 clock: Callable[[], float] = time.time):
+        self.store, self.data_dir, self.limits, self.metrics, self.clock = store, Path(data_dir), limits, metrics, clock
+        for sub in ("uploads", "bundles", "results", "work"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._changed = threading.Condition()
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._partials: dict[str, dict[str, PartialFile]] = {}  # upload id -> file -> file being received
+        self.wake_worker: Callable[[], None] = lambda: None
+        self.stopping = threading.Event()
+
+    # ---- paths -------------------------------------------------------------------------
+    def bundle_dir(self, upload_id: str) -> Path:
+        return self.data_dir / "bundles" / upload_id
+
+    def result_dir(self, submission_id: str) -> Path:
+        return self.data_dir / "results" / submission_id
+
+    def work_dir(self, submission_id: str) -> Path:
+        return self.data_dir / "work" / submission_id
+
+    # ---- uploads -----------------------------------------------------------------------
+    def committed(self, upload: Upload) -> dict[str, int]:
+        if upload.complete:
+            return {f.name: f.size for f in upload.manifest.files}
+        folder = self.data_dir / "uploads" / upload.upload_id
+        return {f.name: committed_size(folder / f.name) for f in upload.manifest.files}
+
+    def query_upload(self, silo: str, upload_id: str) -> tuple[Upload, dict[str, int]]:
+        upload = self.store.get_upload(upload_id)
+        _own(upload.silo, silo, "upload", upload_id)
+        upload = self._settle(upload)
+        return upload, self.committed(upload)
+
+    def _settle(self, upload: Upload) -> Upload:
+        """Finish the bookkeeping of an upload whose bundle was renamed into place just before a crash."""
+        if not upload.complete and self.bundle_dir(upload.upload_id).is_dir():
+            return self.store.mark_upload_complete(upload.upload_id)
+        return upload
+
+    def receive_upload(self, silo: str, upload_id: str, manifest: Manifest,
+                       chunks: Iterable[Chunk]) -> tuple[Upload, dict[str, int]]:
+        """Take an upload stream; returns what is held. Chunks after a complete upload are ignored.
+
+        Contract: bytes are accepted only after the manifest validated; each file is renamed
+        into place after its SHA-256 matched; a bad file or bundle discards the whole upload
+        (nothing stays on disk) and raises; the same id can resume any number of times.
+        """
+        if not UPLOAD_ID_RE.match(upload_id):
+            raise InvalidRequestError(f"upload_id={upload_id!r} is invalid: use 8-128 of [A-Za-z0-9._-]")
+        if manifest.silo != silo:
+            raise PermissionDeniedError(f"manifest.silo={manifest.silo!r} but you are silo {silo!r}: "
+                                        "a silo uploads only its own SLM")
+        validate_manifest(manifest, max_bundle_bytes=self.limits.max_bundle_bytes)
+        upload = self._settle(self.store.put_upload(Upload(upload_id, silo, manifest, created_at=self.clock())))
+        if upload.complete:
+            return upload, self.committed(upload)
+        lock = self._upload_lock(upload_id)
+        if not lock.acquire(timeout=self.limits.upload_lock_timeout_s):
+            raise PreconditionError(f"upload {upload_id!r} is being received on another stream; retry later")
+        try:
+            return self._receive_locked(upload, chunks)
+        finally:
+            lock.release()
+
+    def _receive_locked(self, upload: Upload, chunks: Iterable[Chunk]) -> tuple[Upload, dict[str, int]]:
+        folder = self.data_dir / "uploads" / upload.upload_id
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("upload %s from silo %s: receiving (%d bytes in %d files)", upload.upload_id, upload.silo,
+                 upload.manifest.total_size, len(upload.manifest.files))
+        for chunk in chunks:  # protocol errors here refuse the stream but keep what is committed
+            part = self._partial(upload, folder, chunk.file)
+            part.write(chunk)
+            self.metrics.bytes_in.inc(len(chunk.data))
+            if part.done:
+                self._verified(upload, folder, part.finish)
+                self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
+        if not all((folder / f.name).exists() or f.size == 0 for f in upload.manifest.files):
+            return upload, self.committed(upload)
+        for f in upload.manifest.files:
+            if f.size == 0 and not (folder / f.name).exists():
+                self._verified(upload, folder, PartialFile(folder / f.name, size=0, sha256=f.sha256).finish)
+        self._verified(upload, folder, lambda: validate_bundle_dir(folder, upload.manifest))
+        self._partials.pop(upload.upload_id, None)
+        os.replace(folder, self.bundle_dir(upload.upload_id))
+        upload = self.store.mark_upload_complete(upload.upload_id)
+        self.metrics.uploads.labels("complete").inc()
+        log.info("upload %s from silo %s: complete and verified", upload.upload_id, upload.silo)
+        return upload, self.committed(upload)
+
+    def _verified(self, upload: Upload, folder: Path, check: Callable[[], object]) -> None:
+        """Run a check that proves the bundle bad when it fails: then nothing of the upload stays."""
+        try:
+            check()
+        except BundleError:
+            self._discard(upload, folder)
+            raise
+
+    def _partial(self, upload: Upload, folder: Path, name: str) -> PartialFile:
+        files = self._partials.setdefault(upload.upload_id, {})
+        if name not in files:
+            entry = upload.manifest.file(name)
+            if (folder / name).exists():
+                raise OffsetError(f"file {name!r} of upload {upload.upload_id!r} is already complete; "
+                                  "send only files whose committed size is below their size")
+            files[name] = PartialFile(folder / name, size=entry.size, sha256=entry.sha256)
+        return files[name]
+
+    def _discard(self, upload: Upload, folder: Path) -> None:
+        self._partials.pop(upload.upload_id, None)
+        shutil.rmtree(folder, ignore_errors=True)
+        self.store.delete_upload(upload.upload_id)
+        self.metrics.uploads.labels("rejected").inc()
+        log.warning("upload %s from silo %s: rejected, all its bytes discarded", upload.upload_id, upload.silo)
+
+    def _upload_lock(self, upload_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._upload_locks.setdefault(upload_id, threading.Lock())
+
+    # ---- submissions ---------------------------------------------------------------------
+    def submit(self, silo: str, upload_id: str) -> Submission:
+        upload = self.store.get_upload(upload_id)
+        _own(upload.silo, silo, "upload", upload_id)
+        if self.store.queue_depth() >= self.limits.max_queue and upload_id not in self._submitted_uploads(silo):
+            raise ResourceExhaustedError(f"the queue is full ({self.limits.max_queue} submissions waiting): "
+                                         "retry later")
+        sub, created = self.store.submit(upload_id, submission_id=f"sub-{uuid.uuid4().hex[:20]}", now=self.clock())
+        if created:
+            self.metrics.slm_accuracy.labels(silo, sub.task).set(upload.manifest.heldout_accuracy)
+            self.emit(sub.submission_id, "queued", {"position": self.store.queue_position(sub.submission_id)})
+            self.metrics.queue_depth.set(self.store.queue_depth())
+            log.info("submission %s of silo %s (upload %s): queued", sub.submission_id, silo, upload_id)
+            self.wake_worker()
+        return sub
+
+    def _submitted_uploads(self, silo: str) -> set[str]:
+        return {s.upload_id for s in self.store.list_submissions(silo=silo)}
+
+    def get_submission(self, silo: str, submission_id: str) -> Submission:
+        sub = self.store.get_submission(submission_id)
+        _own(sub.silo, silo, "submission", submission_id)
+        return sub
+
+    def list_submissions(self, silo: str | None) -> list[Submission]:
+        return self.store.list_submissions(silo=silo)
+
+    # ---- events --------------------------------------------------------------------------
+    def emit(self, submission_id: str, kind: str, fields: Mapping[str, Any]) -> Event:
+        event = self.store.append_event(submission_id, kind, stringify_fields(fields), now=self.clock())
+        with self._changed:
+            self._changed.notify_all()
+        return event
+
+    def watch(self, silo: str, submission_id: str, after_seq: int, *,
+              active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[Event]:
+        """Events with seq > after_seq as they come; ends after the submission is ready or failed."""
+        self.get_submission(silo, submission_id)
+        while active():
+            if self.stopping.is_set():
+                raise StoppingError(f"the server is shutting down: reconnect and Watch {submission_id!r} "
+                                    f"with after_seq={after_seq}")
+            terminal = self.store.get_submission(submission_id).terminal
+            events = self.store.events_after(submission_id, after_seq)
+            for event in events:
+                yield event
+                after_seq = event.seq
+            if terminal and not events:
+                return
+            if events and events[-1].kind in ("ready", "failed"):
+                return
+            with self._changed:
+                self._changed.wait(poll_s)
+
+    def stop_watchers(self) -> None:
+        self.stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    # ---- downloads -----------------------------------------------------------------------
+    def download(self, silo: str, submission_id: str, name: str, offset: int,
+                 chunk_size: int = 0) -> Iterator[Chunk]:
+        sub = self.get_submission(silo, submission_id)
+        if sub.stage != "ready" or sub.result is None:
+            raise PreconditionError(f"submission {submission_id!r} is {sub.stage}, not ready: "
+                                    "Watch it until the 'ready' event, then download")
+        entry = sub.result.file(name)
+        if not 0 <= offset <= entry.size:
+            raise InvalidRequestError(f"offset={offset} is outside file {name!r} of {entry.size} bytes")
+        size = min(chunk_size or self.limits.chunk_size, self.limits.chunk_size)
+        return iter_chunks(self.result_dir(submission_id) / name, name=name, offset=offset, chunk_size=size)
+
+
+def _own(owner: str, caller: str, what: str, key: str) -> None:
+    if owner != caller:
+        raise PermissionDeniedError(f"{what} {key!r} belongs to another silo; you are {caller!r}")
+
+
+__all__ = ["CrossLMService", "InvalidRequestError", "Limits", "NotFoundError", "UnauthenticatedError"]

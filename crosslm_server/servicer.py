@@ -1,0 +1,172 @@
+"""gRPC transport for crosslm.v1.CrossLM: decode, call the service, encode, map errors.
+
+Errors are mapped to status codes in one place (`STATUS_OF`); nothing else in the server
+knows about gRPC codes. The caller's silo comes from the TLS peer certificate's CN, or in
+plaintext dev mode from the `x-crosslm-silo` metadata header.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterator
+
+import grpc
+
+from crosslm_shared import convert
+from crosslm_shared.errors import (AssetMissingError, BundleError, ConfigError, CrossLMError, DataError,
+                                   NotFoundError, PermissionDeniedError, PreconditionError,
+                                   ResourceExhaustedError)
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
+from crosslm_shared.transfer import IdleWatchdog
+from crosslm_server.metrics import Metrics
+from crosslm_server.service import CrossLMService, InvalidRequestError, StoppingError, UnauthenticatedError
+from crosslm_server.store import UploadConflictError
+
+log = logging.getLogger(__name__)
+SILO_METADATA_KEY = "x-crosslm-silo"
+_SILO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Most specific first: the first matching class decides the code.
+STATUS_OF: tuple[tuple[type[CrossLMError], grpc.StatusCode], ...] = (
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (StoppingError, grpc.StatusCode.UNAVAILABLE),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UploadConflictError, grpc.StatusCode.ALREADY_EXISTS),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AssetMissingError, grpc.StatusCode.FAILED_PRECONDITION),
+    (BundleError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DataError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CrossLMError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(error: CrossLMError) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS_OF if isinstance(error, cls))
+
+
+def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None:
+    """The one place where an exception becomes a status for the caller."""
+    if isinstance(error, CrossLMError):
+        context.abort(status_of(error), str(error))
+    if not context.is_active():  # the caller went away (or an idle timeout cut the stream)
+        log.info("%s ended: the caller is gone (%s)", method, type(error).__name__)
+        return
+    log.exception("%s failed unexpectedly", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); "
+                  "retry, and tell the server's operator if it persists")
+
+
+def _mapped(method):
+    """Map errors of a unary or client-stream handler (see `_abort`)."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            _abort(context, method.__name__, e)
+    return wrapper
+
+
+def _mapped_stream(method):
+    """The same for server-stream handlers (generators)."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status, never a traceback
+            _abort(context, method.__name__, e)
+    return wrapper
+
+
+def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str) -> None:
+    log.warning("upload %s from silo %s: no bytes for too long; stream cancelled (it can resume)", upload_id, silo)
+    context.cancel()
+
+
+class CrossLMServicer(pb_grpc.CrossLMServicer):
+    def __init__(self, service: CrossLMService, metrics: Metrics, *, allow_dev_identity: bool,
+                 idle_timeout_s: float = 0.0):
+        self.service, self.metrics, self.allow_dev_identity = service, metrics, allow_dev_identity
+        self.idle_timeout_s = idle_timeout_s
+
+    def identify(self, context: grpc.ServicerContext) -> str:
+        cn = context.auth_context().get("x509_common_name")
+        if cn:
+            return cn[0].decode()
+        if self.allow_dev_identity:
+            silo = dict(context.invocation_metadata()).get(SILO_METADATA_KEY, "")
+            if _SILO_RE.match(silo):
+                return silo
+            raise UnauthenticatedError(f"dev mode: send your silo name in the {SILO_METADATA_KEY!r} "
+                                       f"metadata header (got {silo!r})")
+        raise UnauthenticatedError("no client certificate: connect with mTLS using your silo's certificate")
+
+    @_mapped
+    def Upload(self, request_iterator, context):
+        silo = self.identify(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidRequestError("the first Upload message must be an UploadHeader (upload_id + manifest)")
+        manifest = convert.manifest_from_pb(first.header.manifest)
+        gauge = self.metrics.active_transfers.labels("upload")
+        gauge.inc()
+        watchdog = IdleWatchdog(self.idle_timeout_s, lambda: _cancel_idle(context, silo, first.header.upload_id))
+        try:
+            upload, committed = self.service.receive_upload(
+                silo, first.header.upload_id, manifest, self._chunks(request_iterator, watchdog))
+        finally:
+            watchdog.close()
+            gauge.dec()
+        return convert.upload_status_to_pb(upload, committed)
+
+    @staticmethod
+    def _chunks(request_iterator, watchdog: IdleWatchdog) -> Iterator:
+        for msg in request_iterator:
+            watchdog.kick()
+            if msg.WhichOneof("kind") != "chunk":
+                raise InvalidRequestError("only the first Upload message may be a header; send chunks after it")
+            yield convert.chunk_from_pb(msg.chunk)
+
+    @_mapped
+    def QueryUpload(self, request, context):
+        upload, committed = self.service.query_upload(self.identify(context), request.upload_id)
+        return convert.upload_status_to_pb(upload, committed)
+
+    @_mapped
+    def Submit(self, request, context):
+        return convert.submission_to_pb(self.service.submit(self.identify(context), request.upload_id))
+
+    @_mapped_stream
+    def Watch(self, request, context):
+        events = self.service.watch(self.identify(context), request.submission_id, request.after_seq,
+                                    active=context.is_active)
+        for event in events:
+            yield convert.event_to_pb(event)
+
+    @_mapped_stream
+    def Download(self, request, context):
+        chunks = self.service.download(self.identify(context), request.submission_id, request.file,
+                                       request.offset, request.chunk_size)
+        gauge = self.metrics.active_transfers.labels("download")
+        gauge.inc()
+        try:
+            for chunk in chunks:
+                self.metrics.bytes_out.inc(len(chunk.data))
+                yield convert.chunk_to_pb(chunk)
+        finally:
+            gauge.dec()
+
+    @_mapped
+    def GetSubmission(self, request, context):
+        return convert.submission_to_pb(self.service.get_submission(self.identify(context), request.submission_id))
+
+    @_mapped
+    def ListSubmissions(self, request, context):
+        subs = self.service.list_submissions(self.identify(context))
+        return pb.ListSubmissionsResponse(submissions=[convert.submission_to_pb(s) for s in subs])

@@ -1,0 +1,187 @@
+"""The SLM bundle: a `save_pretrained` folder plus a manifest, and its validation.
+
+A bundle is checked twice, both times before anything is loaded: the manifest as soon as it
+arrives (names, sizes, hashes, labels: no bytes accepted before that), and the files once
+they are on disk (config.json, the safetensors header). Nothing here unpickles or imports
+model code: `*.bin` / `*.pt` are not on the allow-list, `auto_map` is refused, and
+`model_type` must be one of a few known classifier families.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crosslm_shared.errors import BundleError, ResourceExhaustedError
+
+REQUIRED_FILES = frozenset({"config.json", "model.safetensors"})
+ALLOWED_FILES = REQUIRED_FILES | frozenset({
+    "crosslm.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+})
+ALLOWED_MODEL_TYPES = frozenset({"bert", "mpnet"})
+ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL"})
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
+DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HASH_BLOCK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What travels with an SLM (DESIGN.md §3); `labels` are in class-index order."""
+
+    task: str
+    silo: str
+    arch: str
+    labels: tuple[str, ...]
+    temperature: float = 1.0
+    heldout_accuracy: float = 0.0
+    files: tuple[FileEntry, ...] = field(default_factory=tuple)
+
+    def file(self, name: str) -> FileEntry:
+        for entry in self.files:
+            if entry.name == name:
+                return entry
+        raise BundleError(f"file {name!r} is not in the bundle manifest; "
+                          f"it lists {[f.name for f in self.files]}")
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
+    """Raise BundleError (or ResourceExhaustedError for size caps) unless the manifest is sound.
+
+    Contract: a manifest that passes names only allow-listed, distinct files, includes every
+    required file, has well-formed hashes, fits the size cap, and names distinct labels.
+    """
+    for key in ("task", "silo", "arch"):
+        value = getattr(manifest, key)
+        if not NAME_RE.match(value):
+            raise BundleError(f"manifest.{key}={value!r} is not a valid name: use letters, "
+                              "digits, '.', '_' or '-' (at most 64 characters)")
+    if len(manifest.labels) < 2 or len(set(manifest.labels)) != len(manifest.labels):
+        raise BundleError(f"manifest.labels={list(manifest.labels)!r} must name at least two "
+                          "distinct labels, in class-index order")
+    if not manifest.temperature > 0:
+        raise BundleError(f"manifest.temperature={manifest.temperature!r} must be > 0")
+    names = [f.name for f in manifest.files]
+    if len(set(names)) != len(names):
+        raise BundleError(f"manifest lists a file twice: {names}")
+    for entry in manifest.files:
+        if entry.name not in ALLOWED_FILES:
+            raise BundleError(f"file {entry.name!r} is not allowed in a bundle; allowed: "
+                              f"{sorted(ALLOWED_FILES)} (no pickled *.bin / *.pt weights)")
+        if not SHA256_RE.match(entry.sha256):
+            raise BundleError(f"file {entry.name!r}: sha256 {entry.sha256!r} is not 64 lower-case hex digits")
+        if entry.size < 0:
+            raise BundleError(f"file {entry.name!r}: size {entry.size} is negative")
+    missing = REQUIRED_FILES - set(names)
+    if missing:
+        raise BundleError(f"bundle lacks required file(s) {sorted(missing)}: send a "
+                          "save_pretrained folder with safetensors weights")
+    if manifest.total_size > max_bundle_bytes:
+        raise ResourceExhaustedError(f"bundle of {manifest.total_size} bytes exceeds the "
+                                     f"server's cap of {max_bundle_bytes} bytes")
+
+
+def validate_bundle_dir(folder: Path, manifest: Manifest) -> None:
+    """Check the files on disk against the manifest without loading any weights.
+
+    Contract: raises BundleError unless config.json is a plain classifier config of an
+    allowed model_type with the manifest's labels, and model.safetensors has a sane header
+    (size cap, JSON, allowed dtypes, offsets inside the file).
+    """
+    for entry in manifest.files:
+        path = folder / entry.name
+        if not path.is_file() or path.stat().st_size != entry.size:
+            raise BundleError(f"bundle file {entry.name!r} is missing or not {entry.size} bytes")
+    _check_config(folder / "config.json", manifest.labels)
+    _check_safetensors(folder / "model.safetensors")
+
+
+def _check_config(path: Path, labels: tuple[str, ...]) -> None:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise BundleError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"config.json is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise BundleError("config.json must hold a JSON object")
+    if "auto_map" in config:
+        raise BundleError("config.json has 'auto_map' (remote code): remote code is never run; "
+                          "save the model with a stock transformers class")
+    if config.get("model_type") not in ALLOWED_MODEL_TYPES:
+        raise BundleError(f"config.json model_type={config.get('model_type')!r} is not allowed; "
+                          f"allowed: {sorted(ALLOWED_MODEL_TYPES)}")
+    id2label = config.get("id2label") or {}
+    try:
+        names = tuple(id2label[k] for k in sorted(id2label, key=int))
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"config.json id2label has non-integer keys: {list(id2label)}") from e
+    if names != tuple(labels):
+        raise BundleError(f"config.json id2label {list(names)} does not match the manifest "
+                          f"labels {list(labels)}: save the model with id2label set to the task labels")
+
+
+def _check_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise BundleError("model.safetensors is shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER or n + 8 > size:
+            raise BundleError(f"model.safetensors header claims {n} bytes (cap "
+                              f"{MAX_SAFETENSORS_HEADER}, file {size}): not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"model.safetensors header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise BundleError("model.safetensors header must be a JSON object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in ALLOWED_DTYPES:
+            raise BundleError(f"tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
+                              f"allowed: {sorted(ALLOWED_DTYPES)}")
+        start, end = info.get("data_offsets", (-1, -1))
+        if not 0 <= start <= end <= size - 8 - n:
+            raise BundleError(f"tensor {name!r} data_offsets {info.get('data_offsets')} lie outside the file")
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (memory stays flat)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_manifest(folder: Path, *, task: str, silo: str, arch: str, labels: tuple[str, ...] | list[str],
+                  temperature: float = 1.0, heldout_accuracy: float = 0.0) -> Manifest:
+    """Describe the allow-listed files of a save_pretrained folder; other files are left out."""
+    files = tuple(FileEntry(p.name, p.stat().st_size, sha256_file(p))
+                  for p in sorted(folder.iterdir()) if p.is_file() and p.name in ALLOWED_FILES)
+    manifest = Manifest(task=task, silo=silo, arch=arch, labels=tuple(labels),
+                        temperature=float(temperature), heldout_accuracy=float(heldout_accuracy),
+                        files=files)
+    validate_manifest(manifest, max_bundle_bytes=2**63)
+    return manifest

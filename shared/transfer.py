@@ -1,0 +1,187 @@
+"""Chunked, resumable file transfer, independent of gRPC.
+
+Both sides read and write lazily: a sender yields one chunk at a time from disk, a receiver
+appends each chunk to a `.part` file, hashes it as it arrives, fsyncs, and renames the file
+into place only after its SHA-256 matched. Memory stays at about one chunk, whatever the
+model size. Chunks carry a CRC-32C (Castagnoli, via google-crc32c's C implementation) so a
+corrupt chunk is refused before it touches the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+
+from crosslm_shared.errors import BundleError, ConfigError, PreconditionError
+
+KiB = 1024
+MiB = 1024 * KiB
+DEFAULT_CHUNK_SIZE = 1 * MiB
+MIN_CHUNK_SIZE = 256 * KiB
+MAX_CHUNK_SIZE = 4 * MiB
+PART_SUFFIX = ".part"
+_HASH_BLOCK = 1 * MiB
+
+
+class ChunkError(BundleError):
+    """A chunk is corrupt (CRC mismatch) or does not continue the file (INVALID_ARGUMENT)."""
+
+
+class OffsetError(PreconditionError):
+    """A chunk's offset is not the committed size: ask for the committed size and resume there."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    file: str
+    offset: int
+    data: bytes
+    crc32c: int
+
+
+def crc32c(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+def check_chunk_size(size: int) -> int:
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"chunk_size={size} is out of range: use {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+    return size
+
+
+def iter_chunks(path: Path, *, name: str | None = None, offset: int = 0,
+                chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Chunk]:
+    """Yield a file's bytes from `offset` as chunks, reading one chunk at a time."""
+    name = name or path.name
+    with path.open("rb") as f:
+        f.seek(offset)
+        while data := f.read(chunk_size):
+            yield Chunk(name, offset, data, crc32c(data))
+            offset += len(data)
+
+
+class PartialFile:
+    """A file being received: `<final>.part`, appended in order, hashed incrementally.
+
+    Contract: `committed` is the number of bytes durably on disk (fsynced); a chunk is
+    accepted only at exactly that offset and with a matching CRC; `finish()` renames the
+    file to its final name only when size and SHA-256 match, and deletes it otherwise.
+    """
+
+    def __init__(self, final: Path, *, size: int, sha256: str):
+        self.final = final
+        self.part = final.with_name(final.name + PART_SUFFIX)
+        self.size = size
+        self.sha256 = sha256
+        self._hash = hashlib.sha256()
+        self.committed = 0
+        if self.part.exists():
+            self._rehash_existing()
+
+    def _rehash_existing(self) -> None:
+        """Rebuild the running hash from the bytes already on disk (after a restart)."""
+        with self.part.open("rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                self._hash.update(block)
+                self.committed += len(block)
+        if self.committed > self.size:
+            self.part.unlink()
+            self._hash, self.committed = hashlib.sha256(), 0
+
+    def write(self, chunk: Chunk, *, sync: bool = True) -> None:
+        if chunk.offset != self.committed:
+            raise OffsetError(f"file {chunk.file!r}: chunk at offset {chunk.offset} but "
+                              f"{self.committed} bytes are committed; resume from {self.committed}")
+        if crc32c(chunk.data) != chunk.crc32c:
+            raise ChunkError(f"file {chunk.file!r}: CRC-32C mismatch in the chunk at offset "
+                             f"{chunk.offset}; resend it")
+        if self.committed + len(chunk.data) > self.size:
+            raise ChunkError(f"file {chunk.file!r}: chunk at offset {chunk.offset} runs past the "
+                             f"manifest size {self.size}")
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        with self.part.open("ab") as f:
+            f.write(chunk.data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        self._hash.update(chunk.data)
+        self.committed += len(chunk.data)
+
+    @property
+    def done(self) -> bool:
+        return self.committed == self.size
+
+    def finish(self) -> Path:
+        """Verify and rename into place; on a hash mismatch delete the bytes and raise."""
+        if not self.done:
+            raise OffsetError(f"file {self.final.name!r} has {self.committed} of {self.size} bytes")
+        if self.size == 0:
+            self.part.parent.mkdir(parents=True, exist_ok=True)
+            self.part.touch()
+        digest = self._hash.hexdigest()
+        if digest != self.sha256:
+            self.part.unlink(missing_ok=True)
+            raise BundleError(f"file {self.final.name!r}: SHA-256 {digest} does not match the "
+                              f"manifest's {self.sha256}; the bytes were discarded, upload again")
+        os.replace(self.part, self.final)
+        _fsync_dir(self.final.parent)
+        return self.final
+
+
+def committed_size(final: Path) -> int:
+    """Bytes held for a file being received: its full size once finished, else the .part size."""
+    if final.exists():
+        return final.stat().st_size
+    part = final.with_name(final.name + PART_SUFFIX)
+    return part.stat().st_size if part.exists() else 0
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IdleWatchdog:
+    """Calls `on_idle` once when `kick()` has not been called for `timeout_s` seconds.
+
+    Transfers use idle timeouts, never total deadlines: a slow link that keeps moving bytes
+    is never cut, a stalled one is (and then resumes from its committed offset).
+    """
+
+    def __init__(self, timeout_s: float, on_idle, *, name: str = "idle-watchdog"):
+        self._time = time.monotonic
+        self.timeout_s, self.on_idle = timeout_s, on_idle
+        self.fired = False
+        self._last = self._time()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+        if timeout_s > 0:
+            self._thread.start()
+
+    def kick(self) -> None:
+        self._last = self._time()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self) -> "IdleWatchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(max(0.01, self._last + self.timeout_s - self._time())):
+            if self._time() - self._last >= self.timeout_s:
+                self.fired = True
+                self.on_idle()
+                return

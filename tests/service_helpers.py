@@ -1,0 +1,44 @@
+"""Helpers shared by the over-the-wire tests: a tiny SLM bundle and a server on port 0."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from crosslm_client.tiny import new_tiny_slm
+from crosslm_shared.bundle import make_manifest
+from crosslm_server.server_config import EngineSection, ServerConfig, ServerSection, StoreSection
+from crosslm_server.serve import build_server
+
+LABELS = ("neg", "pos")
+
+
+def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
+    folder = new_tiny_slm(LABELS, seed=seed, tokenizer_dir=root / "tok").save(root / "slm")
+    return folder, make_manifest(folder, task="rt", silo=silo, arch="tiny", labels=LABELS,
+                                 temperature=1.0, heldout_accuracy=0.5)
+
+
+def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, **server) -> ServerConfig:
+    section = dict(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0, data_dir=data_dir,
+                   grace_s=5) | server
+    return ServerConfig(
+        server=ServerSection(**section),
+        store=StoreSection(kind=store),
+        engine=EngineSection(name="tiny", options=dict(engine_options or {})))
+
+
+def start_server(config: ServerConfig, **kw):
+    return build_server(config, **kw).start()
+
+
+def http_get(server, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def address(server) -> str:
+    return f"127.0.0.1:{server.grpc_port}"

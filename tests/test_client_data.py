@@ -1,0 +1,86 @@
+"""Silo data loading and config: errors name file, line and problem; the split is seeded."""
+import json
+
+import pytest
+
+from crosslm_client.config import load_silo_config
+from crosslm_client.data import load_examples, split
+from crosslm_shared.errors import ConfigError, DataError
+
+LABELS = ("neg", "pos")
+
+
+def test_csv_and_jsonl_load(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text('text,label\n"good, film",pos\nbad film,neg\nok,1\nmeh,0\n')
+    assert load_examples(csv, labels=LABELS) == (["good, film", "bad film", "ok", "meh"], [1, 0, 1, 0])
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in [{"text": "a", "label": "pos"}, {"text": "b", "label": 0},
+                                                      {"text": "c", "label": "neg"}, {"text": "d", "label": 1}]))
+    assert load_examples(jl, labels=LABELS)[1] == [1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("name, body, fragment", [
+    ("d.csv", "text,label\nfine,pos\nbad,maybe\n", r"d.csv:3: label 'maybe' is not one of"),
+    ("d.csv", "text,label\n,pos\n", r"d.csv:2: missing or empty 'text'"),
+    ("d.jsonl", '{"text": "a", "label": "pos"}\n{oops\n', r"d.jsonl:2: not valid JSON"),
+    ("d.jsonl", '[1, 2]\n', r"d.jsonl:1: expected a JSON object"),
+    ("d.csv", "text,label\na,pos\n", r"only 1 examples"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, name, body, fragment):
+    (tmp_path / name).write_text(body)
+    with pytest.raises(DataError, match=fragment):
+        load_examples(tmp_path / name, labels=LABELS)
+
+
+def test_split_is_seeded_stratified_and_disjoint():
+    texts = [f"t{i}" for i in range(40)]
+    ys = [i % 2 for i in range(40)]
+    (tr, ytr), (he, yhe) = split((texts, ys), heldout_fraction=0.25, seed=3)
+    assert split((texts, ys), heldout_fraction=0.25, seed=3) == ((tr, ytr), (he, yhe))
+    assert not set(tr) & set(he) and len(he) == 10 and sorted(yhe) == [0] * 5 + [1] * 5
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = tmp_path / "silo.toml"
+    cfg.write_text('[silo]\nname = "a"\nlabels = ["neg", "pos"]\narch = "gpt9"\n')
+    with pytest.raises(ConfigError, match=r"\[silo\] arch='gpt9' is invalid"):
+        load_silo_config(cfg)
+    cfg.write_text('[silo]\nname = "a"\nlabels = ["neg", "pos"]\nbogus = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['bogus'\]"):
+        load_silo_config(cfg)
+    cfg.write_text('[silo]\nname = "a"\nlabels = ["neg", "pos"]\ndata = "x.csv"\n[server]\nchunk_size = 1\n')
+    with pytest.raises(ConfigError, match="chunk_size=1"):
+        load_silo_config(cfg)
+
+
+def test_prepare_demo_writes_one_private_file_per_silo(tmp_path):
+    from crosslm_client.cli import main
+
+    pool = tmp_path / "pool.csv"
+    pool.write_text("text,category\n" + "".join(f"review number {i},{'fresh' if i % 3 else 'rotten'}\n"
+                                               for i in range(200)))
+    spec = tmp_path / "task.toml"
+    spec.write_text(f'name = "mini"\n[data]\nformat = "csv"\npath = "{pool}"\ntext_field = "text"\n'
+                    'label_field = "category"\nlabel_map = { fresh = "pos", rotten = "neg" }\n'
+                    '[[labels]]\nname = "neg"\n[[labels]]\nname = "pos"\n'
+                    '[generation]\ntemplates = ["x {description}"]\n[classification]\ntemplate = "{text}"\n')
+    assert main(["prepare-demo", "--task", str(spec), "--out", str(tmp_path / "demo"), "--silos", "2",
+                 "--n-private", "20"]) == 0
+    files = sorted((tmp_path / "demo").glob("silo-*.csv"))
+    assert [f.name for f in files] == ["silo-a.csv", "silo-b.csv"]
+    a, b = (load_examples(f, labels=LABELS) for f in files)
+    assert len(a[0]) == len(b[0]) == 20 and not set(a[0]) & set(b[0])
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    from crosslm_server.server_config import load_server_config
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for name in "abcd":
+        cfg = load_silo_config(examples / f"silo-{name}.toml")
+        assert cfg.silo.name == f"silo-{name}" and cfg.silo.arch in ("minilm", "mpnet4")
+    server = load_server_config(examples / "server.toml")
+    assert (server.server.grpc_port, server.server.http_port, server.engine.name) == (50051, 8080, "tiny")

@@ -1,0 +1,59 @@
+"""The engine registry and what the server does when an engine cannot load."""
+import json
+
+import pytest
+
+from crosslm_server import engine_api
+from crosslm_server.engine_api import Engine, create_engine
+from crosslm_server.engine_tiny import TinyEngine
+from crosslm_shared.errors import ConfigError
+from service_helpers import http_get, server_config, start_server
+
+
+def test_registry_names_tiny_echo_and_the_real_engine():
+    assert engine_api.ENGINES["crosslm"] == "crosslm_server.engine:CrossLMEngine"
+    engine = create_engine("tiny", {"steps": 1})
+    assert isinstance(engine, TinyEngine) and isinstance(engine, Engine) and engine.ready()
+    assert create_engine("echo").ready()
+
+
+def test_unknown_or_unimportable_engines_are_config_errors(monkeypatch):
+    with pytest.raises(ConfigError, match=r"engine.name='gpt9' is unknown; choose one of"):
+        create_engine("gpt9")
+    monkeypatch.setitem(engine_api.ENGINES, "broken", "crosslm_server.no_such_module:Engine")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        create_engine("broken")
+
+
+def test_an_engine_that_fails_to_load_keeps_the_server_unready(tmp_path):
+    def explode():
+        raise RuntimeError("no GPU memory left")
+
+    s = start_server(server_config(tmp_path / "srv"), engine_factory=explode)
+    try:
+        for _ in range(100):
+            status, body = http_get(s, "/readyz")
+            if "failed" in body:
+                break
+        assert status == 503
+        assert json.loads(body)["reason"] == "engine failed to load: RuntimeError: no GPU memory left"
+        assert http_get(s, "/healthz")[0] == 200
+    finally:
+        s.stop(grace=0.5)
+
+
+def test_an_unwritable_store_makes_the_server_unready(tmp_path, monkeypatch):
+    from crosslm_shared.errors import PreconditionError
+
+    s = start_server(server_config(tmp_path / "srv"))
+    try:
+        for _ in range(100):
+            if http_get(s, "/readyz")[0] == 200:
+                break
+        def refuse():
+            raise PreconditionError("store 'state.db' is not writable: disk I/O error")
+        monkeypatch.setattr(s.store, "check_writable", refuse)
+        status, body = http_get(s, "/readyz")
+        assert status == 503 and "not writable" in json.loads(body)["reason"]
+    finally:
+        s.stop(grace=0.5)

@@ -1,0 +1,120 @@
+"""Store contract, written once and run on memory, SQLite :memory: and SQLite on a file."""
+import pytest
+
+from crosslm_shared.bundle import FileEntry, Manifest
+from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError
+from crosslm_shared.records import Upload
+from crosslm_server.store import MemoryStore, UploadConflictError
+from crosslm_server.store_sqlite import SQLiteStore
+
+SHA = "0" * 64
+
+
+def manifest(task="rt", silo="a", sha=SHA):
+    return Manifest(task=task, silo=silo, arch="tiny", labels=("neg", "pos"),
+                    files=(FileEntry("config.json", 10, sha), FileEntry("model.safetensors", 20, sha)))
+
+
+@pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file"])
+def store(request, tmp_path):
+    s = {"memory": MemoryStore, "sqlite-memory": lambda: SQLiteStore(":memory:"),
+         "sqlite-file": lambda: SQLiteStore(tmp_path / "state.db")}[request.param]()
+    yield s
+    s.close()
+
+
+def submitted(store, uid, *, silo="a", task="rt", now=1.0):
+    store.put_upload(Upload(uid, silo, manifest(task, silo)))
+    store.mark_upload_complete(uid)
+    sub, _ = store.submit(uid, submission_id="s-" + uid, now=now)
+    return sub
+
+
+def test_put_upload_is_idempotent_and_refuses_a_changed_manifest(store):
+    up = Upload("up-00001", "a", manifest())
+    assert store.put_upload(up) == up
+    assert store.put_upload(up) == up
+    with pytest.raises(UploadConflictError):
+        store.put_upload(Upload("up-00001", "a", manifest(sha="1" * 64)))
+    with pytest.raises(PermissionDeniedError):
+        store.put_upload(Upload("up-00001", "b", manifest()))
+    assert store.get_upload("up-00001").complete is False
+    assert store.mark_upload_complete("up-00001").complete is True
+    store.delete_upload("up-00001")
+    with pytest.raises(NotFoundError):
+        store.get_upload("up-00001")
+
+
+def test_submit_needs_a_complete_upload_and_is_idempotent(store):
+    store.put_upload(Upload("up-00001", "a", manifest()))
+    with pytest.raises(PreconditionError):
+        store.submit("up-00001", submission_id="s1", now=1.0)
+    with pytest.raises(NotFoundError):
+        store.submit("nope-0000", submission_id="s2", now=1.0)
+    store.mark_upload_complete("up-00001")
+    sub, created = store.submit("up-00001", submission_id="s1", now=1.0)
+    assert created and sub.stage == "queued" and sub.silo == "a" and sub.task == "rt"
+    again, created = store.submit("up-00001", submission_id="s3", now=2.0)
+    assert not created and again.submission_id == "s1"
+
+
+def test_claim_runs_oldest_first_and_tracks_queue(store):
+    for i in range(3):
+        submitted(store, f"up-0000{i}", now=float(i))
+    assert store.queue_depth() == 3
+    assert [store.queue_position(f"s-up-0000{i}") for i in range(3)] == [1, 2, 3]
+    assert store.queued() == ["s-up-00000", "s-up-00001", "s-up-00002"]
+    first = store.claim_next(now=5.0)
+    assert first.submission_id == "s-up-00000" and first.stage == "running"
+    assert store.queue_position("s-up-00000") == 0
+    assert store.queue_position("s-up-00002") == 2
+    assert store.queued() == ["s-up-00001", "s-up-00002"]
+    assert store.requeue_running(now=6.0) == ["s-up-00000"]
+    assert store.claim_next(now=7.0).submission_id == "s-up-00000"
+    done = store.finish("s-up-00000", result=manifest(), metrics={"acc": "0.5"}, now=8.0)
+    assert done.stage == "ready" and done.result == manifest() and done.metrics["acc"] == "0.5"
+    assert store.claim_next(now=9.0).submission_id == "s-up-00001"
+    failed = store.fail("s-up-00001", error="boom", now=10.0)
+    assert failed.stage == "failed" and failed.error == "boom"
+    assert store.claim_next(now=11.0).submission_id == "s-up-00002"
+    assert store.claim_next(now=12.0) is None
+
+
+def test_events_have_per_submission_sequence_numbers(store):
+    submitted(store, "up-00001")
+    submitted(store, "up-00002")
+    for kind in ("queued", "generating", "ready"):
+        store.append_event("s-up-00001", kind, {"k": kind}, now=1.0)
+    store.append_event("s-up-00002", "queued", {}, now=1.0)
+    events = store.events_after("s-up-00001", 0)
+    assert [(e.seq, e.kind) for e in events] == [(1, "queued"), (2, "generating"), (3, "ready")]
+    assert events[0].fields == {"k": "queued"}
+    assert [e.seq for e in store.events_after("s-up-00001", 2)] == [3]
+    assert [e.seq for e in store.events_after("s-up-00002", 0)] == [1]
+    with pytest.raises(NotFoundError):
+        store.events_after("missing", 0)
+
+
+def test_list_and_peers_keep_latest_per_silo_and_task(store):
+    submitted(store, "up-a0001", silo="a")
+    submitted(store, "up-b0001", silo="b")
+    submitted(store, "up-a0002", silo="a")
+    submitted(store, "up-c0001", silo="c", task="spam")
+    assert [s.submission_id for s in store.list_submissions(silo="a")] == ["s-up-a0001", "s-up-a0002"]
+    assert len(store.list_submissions()) == 4
+    assert store.peers("rt") == {"a": "s-up-a0002", "b": "s-up-b0001"}
+    assert store.peers("spam") == {"c": "s-up-c0001"}
+    store.check_writable()
+
+
+def test_sqlite_state_survives_reopen(tmp_path):
+    s = SQLiteStore(tmp_path / "state.db")
+    submitted(s, "up-00001")
+    s.claim_next(now=2.0)
+    s.append_event("s-up-00001", "started", {}, now=2.0)
+    s.close()
+    s = SQLiteStore(tmp_path / "state.db")
+    assert s.get_submission("s-up-00001").stage == "running"
+    assert s.requeue_running(now=3.0) == ["s-up-00001"]
+    assert s.append_event("s-up-00001", "queued", {}, now=3.0).seq == 2
+    s.close()

@@ -1,0 +1,60 @@
+"""Chunked lazy transfer: CRC, ordered appends, resume after restart, verify-then-rename."""
+import hashlib
+import os
+
+import pytest
+
+from crosslm_shared.errors import BundleError, ConfigError
+from crosslm_shared.transfer import (MIN_CHUNK_SIZE, Chunk, ChunkError, OffsetError, PartialFile,
+                                     check_chunk_size, committed_size, crc32c, iter_chunks)
+
+
+def test_crc32c_is_castagnoli():
+    assert crc32c(b"123456789") == 0xE3069283
+
+
+def test_chunk_size_bounds():
+    assert check_chunk_size(1 << 20) == 1 << 20
+    for bad in (1024, 8 << 20):
+        with pytest.raises(ConfigError, match="chunk_size"):
+            check_chunk_size(bad)
+
+
+def test_round_trip_with_resume_after_restart(tmp_path):
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 * MIN_CHUNK_SIZE + 123)
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    final = tmp_path / "out" / "model.safetensors"
+    chunks = list(iter_chunks(src, name="model.safetensors", chunk_size=MIN_CHUNK_SIZE))
+    assert [c.offset for c in chunks] == [0, MIN_CHUNK_SIZE, 2 * MIN_CHUNK_SIZE, 3 * MIN_CHUNK_SIZE]
+    part = PartialFile(final, size=len(data), sha256=sha)
+    part.write(chunks[0])
+    part.write(chunks[1])
+    assert committed_size(final) == 2 * MIN_CHUNK_SIZE
+    resumed = PartialFile(final, size=len(data), sha256=sha)  # a new process picks it up
+    assert resumed.committed == 2 * MIN_CHUNK_SIZE
+    with pytest.raises(OffsetError, match="resume from"):
+        resumed.write(chunks[0])
+    for c in iter_chunks(src, name="model.safetensors", offset=resumed.committed, chunk_size=MIN_CHUNK_SIZE):
+        resumed.write(c)
+    assert resumed.finish().read_bytes() == data
+    assert committed_size(final) == len(data)
+
+
+def test_corrupt_chunk_and_overrun_are_refused(tmp_path):
+    part = PartialFile(tmp_path / "f", size=4, sha256="0" * 64)
+    with pytest.raises(ChunkError, match="CRC"):
+        part.write(Chunk("f", 0, b"abcd", crc32c(b"abce")))
+    with pytest.raises(ChunkError, match="past"):
+        part.write(Chunk("f", 0, b"abcde", crc32c(b"abcde")))
+    assert part.committed == 0
+
+
+def test_hash_mismatch_leaves_nothing(tmp_path):
+    final = tmp_path / "f"
+    part = PartialFile(final, size=4, sha256="0" * 64)
+    part.write(Chunk("f", 0, b"abcd", crc32c(b"abcd")))
+    with pytest.raises(BundleError, match="SHA-256"):
+        part.finish()
+    assert list(tmp_path.iterdir()) == []
