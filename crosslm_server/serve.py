@@ -137,7 +137,10 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     service = CrossLMService(store, Path(s.data_dir), metrics=metrics,
                              limits=Limits(max_bundle_bytes=s.max_bundle_bytes, chunk_size=s.chunk_size,
                                            max_queue=s.max_queue))
-    factory = engine_factory or (lambda: create_engine(config.engine.name, config.engine.options))
+    engine_options = dict(config.engine.options)
+    if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
+        engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))
+    factory = engine_factory or (lambda: create_engine(config.engine.name, engine_options))
     worker = Worker(service, factory)
     options = [("grpc.max_receive_message_length", s.max_message_bytes),
                ("grpc.max_send_message_length", s.max_message_bytes),
