@@ -43,7 +43,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log.info("simulating task %s: %d silos, %d rounds, seed %d -> %s", cfg.task, cfg.split.n_silos, cfg.rounds,
              cfg.seed, out)
-    report = simulate(cfg, out)
+    report = simulate(cfg, out, cache_dir=Path(args.cache) if args.cache else None)
     missing = check_schema(report)
     if missing:
         log.error("report lacks %s", missing)
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, default=None, help="override the config's number of rounds")
     sim.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                      help="override any config value, e.g. --set round.update.gamma_kl=0 (repeatable)")
+    sim.add_argument("--cache", default=None, metavar="DIR",
+                     help="reuse silo-only SLMs, judge, LLM 'before' figures and ZeroGen from DIR (default: none)")
     sim.set_defaults(func=cmd_simulate)
     st = sub.add_parser("study", help="run every arm over several seeds (resumable) and compare with intervals")
     st.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")

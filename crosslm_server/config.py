@@ -53,7 +53,7 @@ class SimConfig:
     save_adapters: bool = True
     # the silo continues the returned SLM on its private data alone, or on private data plus the
     # kept synthetic set that came back with it (synthetic texts are not private)
-    continue_on: Literal["private", "private+synthetic"] = "private"
+    continue_on: Literal["private", "private+synthetic"] = "private+synthetic"
     split: SplitConfig = field(default_factory=SplitConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     round: RoundConfig = field(default_factory=RoundConfig)

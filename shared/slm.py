@@ -57,7 +57,7 @@ class SLMTrainConfig:
     # what selection (lr, epoch, keep-if-better) maximises on the validation split:
     # "balanced_accuracy" (mean per-label recall) does not reward a label-skewed silo's
     # model for answering its majority label
-    select_metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"
+    select_metric: Literal["accuracy", "balanced_accuracy"] = "balanced_accuracy"
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
