@@ -1,5 +1,9 @@
 """The real CrossLM engine behind the server's worker: one round per submission on the hosted LLM.
 
+A round interrupted mid-way resumes from its last finished stage: the generated samples are
+checkpointed in the round's work folder, and an adapter version already saved for the
+submission means the LLM update is done (it is never applied twice).
+
 It loads the LLM once (in a background thread, so the server answers health checks while it
 loads), restores the current adapter version, and for each request runs
 :func:`crosslm_server.round.run_round` with the submitter's SLM and the latest SLM of every silo
@@ -8,7 +12,9 @@ on the task, saves the enhanced SLM for the worker to bundle and a new adapter v
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any, Mapping
 from crosslm_server.adapters import AdapterStore
 from crosslm_server.config import load_config
 from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
+from crosslm_server.generate import Generation
 from crosslm_server.llm import LLM, load_llm
 from crosslm_server.round import run_round
 from crosslm_shared.errors import ConfigError, PreconditionError
@@ -97,8 +104,17 @@ class CrossLMEngine:
             self.llm.load_adapter(applied.path)
             rcfg = replace(rcfg, update=replace(rcfg.update, gamma_gen=0.0, gamma_task=0.0, gamma_kl=0.0))
         seed = self.seed + (int.from_bytes(request.submission_id.encode()[-4:], "little") % 100_000)
-        res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit)
-        out = res.enhanced.save(Path(request.work_dir) / "enhanced")
+        work = Path(request.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        checkpoint = work / "generated.json"
+        generated = Generation.from_json(json.loads(checkpoint.read_text())) if checkpoint.exists() else None
+        if generated is not None:
+            log.info("submission %s: resuming after generation (%d samples on disk)", request.submission_id,
+                     len(generated.samples))
+            emit("resumed", {"stage": "scoring", "samples": len(generated.samples)})
+        res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit, generated=generated,
+                        on_generated=lambda g: _write_atomic(checkpoint, json.dumps(g.to_json())))
+        out = res.enhanced.save(work / "enhanced")
         metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
         if applied is None:
@@ -111,3 +127,9 @@ class CrossLMEngine:
         return RoundOutcome(slm_dir=out, metrics=metrics)
 
 
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -7,7 +7,7 @@ stopped at the task's closing mark; never one prompt at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -54,6 +54,13 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        return {"samples": [asdict(s) for s in self.samples], "new_tokens": self.new_tokens, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Generation":
+        return cls([Sample(**s) for s in raw["samples"]], raw["new_tokens"], raw["seconds"])
 
 
 class ClosingMark(StoppingCriteria):

@@ -16,7 +16,7 @@ import numpy as np
 from crosslm_server.config import RoundConfig
 from crosslm_server.enhance import enhance_slm, targets
 from crosslm_server.filter import distinct_n, select
-from crosslm_server.generate import Sample, generate
+from crosslm_server.generate import Generation, Sample, generate
 from crosslm_server.llm import LLM
 from crosslm_server.llm_update import update_llm
 from crosslm_server.reward import Scores, score
@@ -41,13 +41,20 @@ def _noop(kind: str, fields: Mapping[str, Any]) -> None:
 
 
 def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cfg: RoundConfig, *,
-              seed: int, emit: Emit = _noop) -> RoundResult:
-    """Run DESIGN.md §2 steps 1–5 for ``submitter``; ``peers`` are the latest SLMs of every silo."""
+              seed: int, emit: Emit = _noop, generated: Generation | None = None,
+              on_generated: Callable[[Generation], None] | None = None) -> RoundResult:
+    """Run DESIGN.md §2 steps 1–5 for ``submitter``; ``peers`` are the latest SLMs of every silo.
+
+    ``generated`` replays the samples of an earlier, interrupted run of this round (the server
+    checkpoints them through ``on_generated``), so a rerun does not sample again.
+    """
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    gen = generate(llm, task, cfg.generate, seed=seed,
-                   progress=lambda k, n: emit("generating", {"done": k, "total": n}))
+    gen = generated or generate(llm, task, cfg.generate, seed=seed,
+                                progress=lambda k, n: emit("generating", {"done": k, "total": n}))
+    if generated is None and on_generated is not None:
+        on_generated(gen)
     seconds["generate"] = time.perf_counter() - t
     texts = [s.text for s in gen.samples]
     labels = [s.label for s in gen.samples]

@@ -47,3 +47,26 @@ def test_unknown_task_and_mismatched_labels_are_refused(tmp_path, engine_setup, 
     wrong = new_slm(str(tiny_slm_dir), ["x", "y"]).save(tmp_path / "wrong")
     with pytest.raises(ConfigError, match="do not match"):
         engine.run_round(_request(tmp_path, wrong, sid="sub-2"), lambda *_: None)
+
+
+def test_interrupted_round_resumes_after_generation(tmp_path, engine_setup, monkeypatch):
+    """A crash after sampling: the rerun replays the checkpointed samples instead of sampling again."""
+    import crosslm_server.round as round_mod
+
+    engine, task, slm_dir = engine_setup
+    request = _request(tmp_path, slm_dir, sid="sub-9")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-round")
+
+    monkeypatch.setattr(round_mod, "score", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.run_round(request, lambda *_: None)
+    assert (request.work_dir / "generated.json").exists() and engine.adapters.versions() == []
+    monkeypatch.undo()
+    sampled = []
+    monkeypatch.setattr(round_mod, "generate", lambda *a, **k: sampled.append(1))
+    events = []
+    out = engine.run_round(request, lambda kind, fields: events.append(kind))
+    assert sampled == [] and "resumed" in events and "generating" not in events
+    assert out.metrics["adapter_version"] == 1
