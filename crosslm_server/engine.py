@@ -56,6 +56,7 @@ class CrossLMEngine:
         self.seed = seed
         self.llm: LLM | None = None
         self.error: str | None = None
+        self._version = 0  # the adapter version held in memory (0 = none, fresh LoRA)
         self._lock = threading.Lock()
         if background:
             threading.Thread(target=self._load, name="crosslm-llm-load", daemon=True).start()
@@ -65,14 +66,21 @@ class CrossLMEngine:
     def _load(self) -> None:
         try:
             llm = load_llm(self.cfg.llm)
-            current = self.adapters.current()
-            if current is not None:
-                llm.load_adapter(current.path)
-                log.info("restored LLM adapter version %d (%s)", current.version, current.path)
             self.llm = llm
+            self._sync_adapter()
         except Exception as e:  # the reason surfaces through /readyz
             self.error = f"LLM failed to load: {e}"
             log.exception("LLM failed to load")
+
+    def _sync_adapter(self) -> None:
+        """Load the current adapter version if it is not the one in memory (start, or a rollback)."""
+        current = self.adapters.current()
+        version = current.version if current else 0
+        if version != self._version:
+            if current is not None:
+                self.llm.load_adapter(current.path)
+                log.info("LLM adapter version %d loaded (%s)", current.version, current.path)
+            self._version = version
 
     def ready(self) -> bool:
         return self.llm is not None
@@ -96,12 +104,14 @@ class CrossLMEngine:
                               f"labels {task.label_names}")
         peers = [load_slm(p) for p in request.peer_slm_dirs.values()] or [submitter]
         rcfg = self.cfg.round
+        self._sync_adapter()
         applied = self.adapters.for_submission(request.submission_id)
         if applied is not None:
             # a rerun after a crash that followed the adapter save: never apply a round twice
             log.warning("submission %s: adapter v%d already holds this round; regenerating the SLM only",
                         request.submission_id, applied.version)
             self.llm.load_adapter(applied.path)
+            self._version = applied.version
             rcfg = replace(rcfg, update=replace(rcfg.update, gamma_gen=0.0, gamma_task=0.0, gamma_kl=0.0))
         seed = self.seed + (int.from_bytes(request.submission_id.encode()[-4:], "little") % 100_000)
         work = Path(request.work_dir)
@@ -120,6 +130,7 @@ class CrossLMEngine:
         if applied is None:
             version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
                                          task=task.name, metrics=metrics)
+            self._version = version.version
             metrics["adapter_version"] = version.version
         log.info("silo %s submission %s: kept %d of %d, reward %.3f, kl %.4f", request.silo,
                  request.submission_id, res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"],

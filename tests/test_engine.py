@@ -70,3 +70,21 @@ def test_interrupted_round_resumes_after_generation(tmp_path, engine_setup, monk
     out = engine.run_round(request, lambda kind, fields: events.append(kind))
     assert sampled == [] and "resumed" in events and "generating" not in events
     assert out.metrics["adapter_version"] == 1
+
+
+def test_adapters_cli_lists_and_rolls_back_and_the_engine_follows(tmp_path, engine_setup, capsys):
+    from crosslm_server.server_cli import main as server_main
+
+    engine, task, slm_dir = engine_setup
+    for sid in ("sub-a", "sub-b"):
+        engine.run_round(_request(tmp_path, slm_dir, sid=sid), lambda *_: None)
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[engine]\nname = "crosslm"\n'
+                   f'[engine.options]\nadapters_dir = "{tmp_path / "adapters"}"\n')
+    assert server_main(["adapters", "list", "--config", str(cfg)]) == 0
+    listing = capsys.readouterr().out
+    assert "* v2" in listing and "sub-a" in listing
+    assert server_main(["adapters", "rollback", "1", "--config", str(cfg)]) == 0
+    engine._sync_adapter()
+    assert engine._version == 1
+    assert server_main(["adapters", "rollback", "9", "--config", str(cfg)]) == 2
