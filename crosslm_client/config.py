@@ -4,11 +4,11 @@ Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -100,12 +100,7 @@ _SECTIONS = {"silo": SiloSection, "server": ServerSection, "train": TrainSection
 
 
 def load_silo_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> SiloConfig:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read silo config {str(path)!r}: {e}") from e
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw = read_toml(path, "silo config", overrides=overrides)
     base = Path(path).resolve().parent
     output_dir = raw.pop("output_dir", "silo-out")
     unknown = sorted(set(raw) - set(_SECTIONS))

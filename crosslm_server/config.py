@@ -22,6 +22,7 @@ from crosslm_server.llm import LLMConfig
 from crosslm_server.llm_update import UpdateConfig
 from crosslm_shared.data import SplitConfig
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.slm import SLMTrainConfig
 
 
@@ -114,13 +115,7 @@ def parse_override(text: str) -> tuple[str, object]:
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> SimConfig:
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        raw = read_toml(path, "config")
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key, value)

@@ -18,7 +18,7 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from crosslm_server.adapters import AdapterStore
 from crosslm_server.config import load_config

@@ -8,6 +8,8 @@ token decides the label, by the verbalizers' first tokens.
 
 from __future__ import annotations
 
+import torch
+
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.tasks import TaskSpec
 
@@ -47,10 +49,8 @@ def verbalizer_ids(tokenizer, task: TaskSpec) -> list[int]:
     return ids
 
 
-def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows into (input_ids, attention_mask); positions then match unpadded ones."""
-    import torch
-
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -62,8 +62,6 @@ def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple["torch.Tensor
 
 def label_logits(model, tokenizer, task: TaskSpec, texts, verb_ids: list[int], *, max_length: int = 192):
     """Logits of each label's verbalizer token after the classification prompt: shape (n, K)."""
-    import torch
-
     rows = []
     for text in texts:
         ids = tokenizer(classification_prompt(tokenizer, task, text), add_special_tokens=False)["input_ids"]

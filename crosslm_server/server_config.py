@@ -4,11 +4,11 @@ Relative paths in a config file are resolved against the file's folder.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from crosslm_server.engine_api import ENGINES
@@ -112,12 +112,7 @@ def _section(cls, section: str, raw: dict[str, Any], base: Path):
 
 def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> ServerConfig:
     """Read a TOML file; `overrides` ({section: {key: value}}) come from command-line flags."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read server config {str(path)!r}: {e}") from e
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw = read_toml(path, "server config", overrides=overrides)
     unknown = sorted(set(raw) - {"server", "store", "engine"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")

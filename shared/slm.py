@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 

@@ -83,4 +83,5 @@ def test_example_configs_load():
         cfg = load_silo_config(examples / f"silo-{name}.toml")
         assert cfg.silo.name == f"silo-{name}" and cfg.silo.arch in ("minilm", "mpnet4")
     server = load_server_config(examples / "server.toml")
-    assert (server.server.grpc_port, server.server.http_port, server.engine.name) == (50051, 8080, "tiny")
+    assert (server.server.grpc_port, server.server.http_port, server.engine.name) == (50051, 8080, "crosslm")
+    assert Path(server.engine.options["config"]) == examples / "rt-4silo.toml"  # resolved against the file

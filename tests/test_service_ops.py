@@ -1,13 +1,11 @@
 """Operations over real sockets: health and readiness, metrics, restart with queued work,
 two silos at once, failed rounds, SIGTERM on the real CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 
 import grpc
 import pytest

@@ -1,5 +1,4 @@
 """One silo over real localhost gRPC: upload -> queue -> round -> watch -> download."""
-import time
 
 import pytest
 
