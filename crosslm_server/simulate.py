@@ -92,15 +92,17 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     """
     out.mkdir(parents=True, exist_ok=True)
     cache = ArtefactCache(cache_dir)
-    c = as_dict(cfg)
-    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"])
-    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
-    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"], c["continue_on"])
+
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     task = load_task(cfg.task)
     examples = load_examples(task)
     split = split_task(examples, task.num_labels, cfg.split, seed=cfg.seed)
+    c = as_dict(cfg)
+    # keyed by the split's contents too, so a change in how data is cut never reuses stale models
+    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split))
+    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
+    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"], c["continue_on"])
     slm_cfg = replace(cfg.round.slm, seed=cfg.seed)
     rcfg = replace(cfg.round, slm=slm_cfg)
     report: dict = {"task": task.name, "seed": cfg.seed, "config": as_dict(cfg), "silos": {}, "rounds": [],
@@ -175,6 +177,11 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     write_report(report, out)
     (out / "report.partial.json").unlink(missing_ok=True)
     return report
+
+
+def split_fingerprint(split: Split) -> str:
+    parts = [split.llm_test, split.judge_train] + [p for s in split.silos for p in (s.train, s.val, s.test)]
+    return config_key([[list(p.texts), list(p.labels)] for p in parts])
 
 
 def _round_totals(silos: dict) -> dict:

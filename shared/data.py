@@ -187,14 +187,15 @@ def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: i
     order = rng.permutation(len(examples)).tolist()
     llm_test = examples.subset(_take(order, cfg.n_llm_test))
     judge = examples.subset(_take(order, cfg.n_judge))
+    # every test split first, from the global order: drawing them after some silos' private
+    # data would leave them short of the labels those silos took (measured: 0 spam in 300)
+    tests = [_take(order, cfg.n_test) for _ in range(cfg.n_silos)]
     by_label: list[list[int]] = [[] for _ in range(num_labels)]
     for i in order:
         by_label[examples.labels[i]].append(i)
     silos = []
     for s in range(cfg.n_silos):
-        test_idx = _take(order, cfg.n_test)
-        for i in test_idx:
-            by_label[examples.labels[i]].remove(i)
+        test_idx = tests[s]
         if cfg.partition == "iid":
             private_idx = _take(order, cfg.n_private)
             for i in private_idx:
@@ -204,7 +205,8 @@ def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: i
             private_idx = []
             for lab, c in enumerate(counts):
                 if c > len(by_label[lab]):
-                    raise ConfigError(f"silo {s} needs {c} examples of label {lab}; only {len(by_label[lab])} are left; lower split.n_private or raise split.alpha")
+                    raise ConfigError(f"silo {s} needs {c} examples of label {lab}; only {len(by_label[lab])} "
+                                      "are left; lower split.n_private or raise split.alpha")
                 private_idx += by_label[lab][:c]
                 del by_label[lab][:c]
             taken = set(private_idx)

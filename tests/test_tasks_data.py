@@ -79,3 +79,14 @@ def test_spec_validation_names_the_problem():
     raw["data"]["format"] = "xml"
     with pytest.raises(ConfigError, match="xml"):
         parse_task(raw)
+
+
+def test_every_silo_test_split_follows_the_global_label_mix(tmp_path):
+    """Label-skewed private draws must not drain a label from later silos' test splits."""
+    from conftest import write_task
+
+    ex = load_examples(load_task(write_task(tmp_path, n_per_label=200)))
+    cfg = SplitConfig(n_silos=4, n_private=40, n_test=20, n_llm_test=10, n_judge=10, alpha=0.1, min_per_label=0)
+    for seed in range(5):
+        for silo in split_task(ex, 3, cfg, seed=seed).silos:
+            assert min(silo.test.label_counts(3)) >= 2, (seed, silo.name, silo.test.label_counts(3))
