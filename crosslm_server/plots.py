@@ -72,3 +72,73 @@ def _curves(summary: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report_plots(report: dict, out: Path) -> list[str]:
+    """The simulate/demo report's figures: SLMs per silo per round, the LLM per round, the filter."""
+    rounds = report["rounds"]
+    if not rounds:
+        return []
+    paths = []
+    # SLM accuracy per silo per round, against its silo-only and ZeroGen baselines
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    zg = report.get("baselines", {}).get("zerogen", {}).get("silos", {})
+    for i, (name, s) in enumerate(report["silos"].items()):
+        color = f"C{i}"
+        xs = list(range(len(s["acc_after"]) + 1))
+        ax.plot(xs, [100 * s["acc_local"]] + [100 * a for a in s["acc_after"]], marker="o", color=color,
+                label=f"{name} ({Path(s['arch']).name})")
+        ax.axhline(100 * s["acc_local"], color=color, linestyle=":", linewidth=1)
+        if name in zg:
+            ax.scatter([xs[-1] + 0.15], [100 * zg[name]["acc"]], marker="x", color=color)
+    ax.set_xlabel("round (0 = silo-only; dotted = silo-only level; x = ZeroGen)")
+    ax.set_ylabel("SLM test accuracy (%)")
+    ax.set_title("SLM accuracy per silo per round")
+    ax.set_xticks(range(len(rounds) + 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "slm_per_round.png"))
+    # LLM zero-shot accuracy and perplexity per round
+    llm = report["llm"]
+    xs = list(range(len(rounds) + 1))
+    acc = [100 * llm["acc_before"]] + [100 * r["llm"]["acc"] for r in rounds]
+    ppl = [llm["ppl_before"]] + [r["llm"]["ppl"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, acc, marker="o", color="C0", label="zero-shot accuracy (raw)")
+    ax.set_xlabel("round (0 = before)")
+    ax.set_ylabel("LLM zero-shot accuracy (%)", color="C0")
+    ax.set_xticks(xs)
+    ax2 = ax.twinx()
+    ax2.plot(xs, ppl, marker="s", color="C3", label="perplexity (general corpus)")
+    ax2.set_ylabel("perplexity", color="C3")
+    ax.set_title(f"LLM per round (judge on-label: {100 * llm.get('on_label_before', float('nan')):.1f} % → "
+                 f"{100 * llm.get('on_label_after', float('nan')):.1f} %)")
+    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths.append(_save(fig, out / "llm_per_round.png"))
+    # kept fraction and reward histogram per round
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.bar([r["round"] for r in rounds], [100 * r["kept"] / max(1, r["generated"]) for r in rounds], color="C2")
+    a1.set_xlabel("round")
+    a1.set_ylabel("kept / generated (%)")
+    a1.set_title("Filter: kept fraction")
+    a1.set_xticks([r["round"] for r in rounds])
+    edges = np.linspace(-1, 1, 11)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = 0.2 / (len(rounds) + 1)
+    for k, r in enumerate(rounds):
+        hist = np.sum([s["reward_hist"] for s in r["silos"].values()], axis=0)
+        a2.bar(centers + (k - (len(rounds) - 1) / 2) * width, hist, width, label=f"round {r['round']}")
+    a2.set_xlabel("reward r = 2·S(y|x) − 1")
+    a2.set_ylabel("samples")
+    a2.set_title("Reward histogram")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "filter_rewards.png"))
+    return [str(p) for p in paths]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -81,5 +81,10 @@ def _rates(rates: dict | None) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
+    from crosslm_server.plots import report_plots
+
+    report["plots"] = [Path(p).name for p in report_plots(report, out)]
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (out / "report.md").write_text(render_markdown(report))
+    md = render_markdown(report)
+    md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({p})" for p in report["plots"]) + "\n"
+    (out / "report.md").write_text(md)
