@@ -18,7 +18,7 @@ def test_smoke_config_runs_on_real_models(tmp_path):
     out = tmp_path / "smoke"
     proc = subprocess.run([sys.executable, "-m", "crosslm_server.cli", "simulate", "--config",
                            str(ROOT / "examples" / "smoke.toml"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert check_schema(report) == []
