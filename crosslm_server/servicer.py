@@ -98,7 +98,11 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
     def identify(self, context: grpc.ServicerContext) -> str:
         cn = context.auth_context().get("x509_common_name")
         if cn:
-            return cn[0].decode()
+            silo = cn[0].decode(errors="replace")
+            if _SILO_RE.match(silo):
+                return silo
+            raise UnauthenticatedError(f"certificate CN {silo!r} is not a valid silo name; ask the server's "
+                                       "operator for a certificate made by `crosslm certs`")
         if self.allow_dev_identity:
             silo = dict(context.invocation_metadata()).get(SILO_METADATA_KEY, "")
             if _SILO_RE.match(silo):
