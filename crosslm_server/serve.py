@@ -166,7 +166,8 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
                               options=options)
     pb_grpc.add_CrossLMServicer_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
-                                                          idle_timeout_s=s.idle_timeout_s),
+                                                          idle_timeout_s=s.idle_timeout_s,
+                                                          max_uploads_per_silo=s.max_uploads_per_silo),
                                           grpc_server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", NOT_SERVING)

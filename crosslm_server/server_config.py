@@ -41,6 +41,7 @@ class ServerSection:
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
     idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
+    max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
     log_level: LogLevel = "INFO"        # logging level of the server process
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class ServerSection:
             raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
         if self.max_queue < 1:
             raise _bad("server", "max_queue", self.max_queue, ">= 1")
+        if self.max_uploads_per_silo < 1:
+            raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo, ">= 1")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
         if self.log_level not in get_args(LogLevel):
