@@ -6,6 +6,7 @@ answer. A check whose input failed earlier is skipped, not reported as a second 
 """
 from __future__ import annotations
 
+import csv
 import socket
 import ssl
 import stat
@@ -57,7 +58,7 @@ class _Checks:
 
     def run(self) -> list[Result]:
         tls = not self.s.plaintext_dev_mode
-        steps = (("data", self.data), ("ca", self.check_ca), ("cert", self.check_cert), ("key", self.check_key),
+        steps = (("data", self.check_data), ("ca", self.check_ca), ("cert", self.check_cert), ("key", self.check_key),
                  ("address", self.check_address), ("tls", self.check_tls), ("server", self.check_server))
         for name, check in steps:
             needs = [n for n in NEEDS[name] if tls or n not in TLS_ONLY]
@@ -77,13 +78,15 @@ class _Checks:
         return all(done.get(n) == "OK" for n in names)
 
     # ---- the checks ------------------------------------------------------------------------------
-    def data(self) -> str:
+    def check_data(self) -> str:
         s = self.config.silo
         try:
             texts, ys = load_examples(s.data, labels=s.labels, text_column=s.text_column,
                                       label_column=s.label_column)
         except CrossLMError as e:
             raise _Failed(f"{e} (fix the file, or [silo] data / text_column / label_column)") from e
+        except (UnicodeDecodeError, csv.Error, OSError) as e:  # not a text CSV / JSONL at all
+            raise _Failed(f"{s.data}: cannot be read as UTF-8 CSV or JSONL ({e}); export it as UTF-8 text") from e
         counts = Counter(s.labels[y] for y in ys)
         missing = [label for label in s.labels if counts[label] < 2]
         if missing:

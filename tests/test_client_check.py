@@ -130,3 +130,10 @@ def test_plaintext_dev_mode_skips_the_certificate_checks(tmp_path, capsys):
         assert lines["server"].startswith("OK")
     finally:
         plain.stop(grace=1)
+
+
+def test_a_binary_data_file(server, certs, tmp_path, capsys):
+    cfg = write(tmp_path, server, certs)
+    (tmp_path / "data.csv").write_bytes(b"text,label\n\xff\xfe\x00bad,pos\n")
+    code, lines = check(cfg, capsys)
+    assert code == 1 and "UTF-8" in lines["data"]
