@@ -124,6 +124,47 @@ def encodings(text: str) -> list[bytes]:
     return forms
 
 
+def all_streams(sent: list[bytearray]) -> dict[tuple[int, int], bytes]:
+    return {(n, sid): data for n, record in enumerate(sent) for sid, data in http2_data(bytes(record)).items()}
+
+
+def leaks(sent: list[bytearray], secrets: list[str]) -> list[str]:
+    """Where any secret shows up, in any encoding, in raw bytes, HTTP/2 streams or uploaded files."""
+    streams = all_streams(sent)
+    haystacks = {"raw connection bytes": [bytes(r) for r in sent], "HTTP/2 DATA per stream": list(streams.values()),
+                 **{f"uploaded file {name}": [data] for name, data in uploaded_files(streams).items()}}
+    found = []
+    for where, blobs in haystacks.items():
+        for blob in blobs:
+            folded = blob.lower()
+            found += [f"{secret!r} in {where}" for secret in secrets
+                      if any(form in blob or form.lower() in folded for form in encodings(secret))]
+    return found
+
+
+def test_the_search_finds_a_planted_leak(tmp_path):
+    """Negative control: a canary written into a tokenizer file is found, as UTF-16 too."""
+    from crosslm_client.transport import CrossLMClient
+    from crosslm_shared.bundle import make_manifest
+    from service_helpers import LABELS, tiny_bundle
+
+    folder, _ = tiny_bundle(tmp_path / "silo")
+    (folder / "special_tokens_map.json").write_bytes(json.dumps({"x": "zqxleak01"}).encode()
+                                                      + "zqxleak02".encode("utf-16-le"))
+    manifest = make_manifest(folder, task="rt", silo="a", arch="tiny", labels=LABELS)
+    server = start_server(server_config(tmp_path / "server"))
+    proxy = Proxy(("127.0.0.1", server.grpc_port))
+    try:
+        with CrossLMClient(f"127.0.0.1:{proxy.port}", "a") as client:
+            client.upload(folder, manifest, "a-leak-0001")
+    finally:
+        proxy.close()
+        server.stop(grace=1)
+    found = leaks(proxy.sent, ["zqxleak01", "zqxleak02", "zqxnotsent"])
+    assert any("zqxleak01" in f and "special_tokens_map.json" in f for f in found), found
+    assert any("zqxleak02" in f for f in found) and not any("zqxnotsent" in f for f in found)
+
+
 def test_no_canary_and_no_private_record_leaves_the_silo(tmp_path):
     rng = random.Random(7)
     canaries = [f"zqxcanary{i:04d}vk" for i in range(64)]
@@ -143,10 +184,7 @@ def test_no_canary_and_no_private_record_leaves_the_silo(tmp_path):
         proxy.close()
         server.stop(grace=1)
 
-    streams = {}
-    for n, record in enumerate(proxy.sent):
-        for sid, data in http2_data(bytes(record)).items():
-            streams[(n, sid)] = data
+    streams = all_streams(proxy.sent)
     files = uploaded_files(streams)
     assert sum(len(r) for r in proxy.sent) > 100_000, "the proxy saw too little: was it in the path?"
     assert {"model.safetensors", "config.json"} <= {name.split("/", 1)[1] for name in files}
@@ -156,16 +194,7 @@ def test_no_canary_and_no_private_record_leaves_the_silo(tmp_path):
     assert any(b"silo-p" in blob for blob in streams.values())
     configs = [json.loads(data) for name, data in files.items() if name.endswith("/config.json")]
     assert configs and all(c["id2label"] == {"0": "neg", "1": "pos"} for c in configs)
-    haystacks = {"raw connection bytes": [bytes(r) for r in proxy.sent],
-                 "HTTP/2 DATA per stream": list(streams.values()),
-                 **{f"uploaded file {name}": [data] for name, data in files.items()}}
-    secrets = canaries + [r["text"] for r in rows]
-    for where, blobs in haystacks.items():
-        for blob in blobs:
-            folded = blob.lower()
-            for secret in secrets:
-                for form in encodings(secret):
-                    assert form not in blob and form.lower() not in folded, f"{secret!r} leaked in {where}"
+    assert leaks(proxy.sent, canaries + [r["text"] for r in rows]) == []
     for name, data in files.items():  # the structured parts of the files, decoded
         if name.endswith(".safetensors"):
             (n,) = struct.unpack("<Q", data[:8])
