@@ -53,9 +53,9 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
     train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
-    state = _initial_model(config, train, held)
     reports = []
-    with connect(config) as client:
+    with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
+        state = _initial_model(config, train, held)
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held)

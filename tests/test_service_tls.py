@@ -149,3 +149,17 @@ def test_the_daemon_runs_a_round_over_mtls(server, certs, tmp_path):
     cfg.write_text(text.replace(f'cert = "{cert}"', f'cert = "{ours.silos["b"][0]}"')
                    .replace(f'key = "{key}"', f'key = "{ours.silos["b"][1]}"'))
     assert main(["run", "--config", str(cfg)]) == 3  # a silo-b certificate may not upload silo a's model
+
+
+def test_the_daemon_without_its_key_file_exits_2_naming_it(server, certs, tmp_path, caplog):
+    from test_client_daemon import write_silo
+
+    from crosslm_client.cli import main
+
+    ours, _ = certs
+    cert, _ = ours.silos["a"]
+    cfg = write_silo(tmp_path, server, "a")
+    cfg.write_text(cfg.read_text().replace("plaintext_dev_mode = true\n", f'ca = "{ours.ca}"\ncert = "{cert}"\n'
+                                           f'key = "{tmp_path / "gone.key"}"\n'))
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert "[server] key file" in caplog.text and "gone.key" in caplog.text
