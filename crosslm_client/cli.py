@@ -2,6 +2,7 @@
 
 Exit codes: 0 all rounds ran, 2 bad config or data, 3 authentication / permission refused,
 4 the server could not be reached or refused a request, 5 a model package is missing.
+`check`: 0 when every check is OK, 1 when any failed.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
     r.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
     r.add_argument("--rounds", type=int, default=None, help="override [rounds] count; 0 = forever (default: from file)")
+    c = sub.add_parser("check", help="check certificate, key, CA, server address and data file; say what to fix")
+    c.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
+    c.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
     d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files from a task's offline dataset")
     d.add_argument("--task", default="rotten_tomatoes", help="built-in task name or task TOML (default: rotten_tomatoes)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for silo-a.csv ... (default: runs/demo)")
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "prepare-demo":
         return _prepare_demo(args)
+    if args.command == "check":
+        return _check(args)
     try:
         config = load_silo_config(args.config, overrides={"server": {"address": args.server},
                                                           "rounds": {"count": args.rounds}})
@@ -59,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     log.info("done: %d round(s); reports in %s", len(reports), config.output_dir / "reports")
     return 0
+
+
+def _check(args) -> int:
+    from crosslm_client.check import run_checks
+
+    results = run_checks(args.config, address=args.server)
+    for result in results:
+        print(result.line())
+    failed = [r.name for r in results if r.status == "FAIL"]
+    print("all checks passed" if not failed else f"to fix: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def _prepare_demo(args) -> int:

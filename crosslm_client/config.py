@@ -51,6 +51,11 @@ class ServerSection:
     backoff_initial_s: float = 0.5       # first retry delay (doubles, with full jitter)
     backoff_max_s: float = 30.0          # longest retry delay
     idle_timeout_s: float = 120.0        # a transfer with no bytes for this long is cut and resumed (0 = never)
+    ca: Path | None = None               # CA certificate (PEM) that signed the server's certificate (ca.pem)
+    cert: Path | None = None             # this silo's client certificate (PEM); its CN is the silo's identity
+    key: Path | None = None              # the certificate's private key (PEM, keep it 0600)
+    server_name: str = ""                # name to check the server certificate against, when the address differs
+    plaintext_dev_mode: bool = False     # true: no TLS, silo named by a header (a local demo server only)
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
@@ -59,6 +64,11 @@ class ServerSection:
             raise _bad("server", "max_attempts", self.max_attempts, ">= 1")
         if ":" not in self.address:
             raise _bad("server", "address", self.address, "host:port")
+        missing = [n for n in ("ca", "cert", "key") if getattr(self, n) is None]
+        if missing and not self.plaintext_dev_mode:
+            raise _bad("server", "/".join(missing), None,
+                       "paths to the files from `crosslm certs` (ca.pem, <silo>.pem, <silo>.key), "
+                       "or plaintext_dev_mode = true against a local demo server")
 
 
 @dataclass(frozen=True)
@@ -112,9 +122,10 @@ def load_silo_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None 
         extra = sorted(set(values) - {f.name for f in fields(cls)})
         if extra:
             raise ConfigError(f"[{name}] has unknown key(s) {extra}; known: {sorted(f.name for f in fields(cls))}")
-        if name == "silo":
-            if "data" in values:
-                values["data"] = (base / values["data"]).resolve()
+        paths = {"silo": ("data",), "server": ("ca", "cert", "key")}.get(name, ())
+        for key in paths:
+            if values.get(key) is not None:
+                values[key] = (base / values[key]).resolve()
         try:
             built[name] = cls(**values)
         except TypeError as e:

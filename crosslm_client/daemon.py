@@ -17,7 +17,7 @@ from typing import Any
 from crosslm_client import models
 from crosslm_client.config import SiloConfig
 from crosslm_client.data import Examples, load_examples, split
-from crosslm_client.transport import CrossLMClient, RetryPolicy
+from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
 from crosslm_shared.bundle import Manifest, make_manifest, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
 
@@ -37,6 +37,15 @@ def upload_id_for(silo: str, round_no: int, manifest: Manifest) -> str:
     return f"{silo}-r{round_no}-{digest}"
 
 
+def connect(config: SiloConfig, *, retry: RetryPolicy | None = None) -> CrossLMClient:
+    """A client as the config says: mTLS with the silo's certificate, or plaintext dev mode."""
+    c = config.server
+    tls = None if c.plaintext_dev_mode else TlsFiles(ca=c.ca, cert=c.cert, key=c.key, server_name=c.server_name)
+    retry = retry or RetryPolicy(initial_s=c.backoff_initial_s, max_s=c.backoff_max_s, max_attempts=c.max_attempts)
+    return CrossLMClient(c.address, config.silo.name, chunk_size=c.chunk_size, retry=retry,
+                         idle_timeout_s=c.idle_timeout_s, tls=tls)
+
+
 def run(config: SiloConfig) -> list[dict[str, Any]]:
     s = config.silo
     out = config.output_dir
@@ -44,12 +53,9 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
     train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
-    state = _initial_model(config, train, held)
-    retry = RetryPolicy(initial_s=config.server.backoff_initial_s, max_s=config.server.backoff_max_s,
-                        max_attempts=config.server.max_attempts)
     reports = []
-    with CrossLMClient(config.server.address, s.name, chunk_size=config.server.chunk_size, retry=retry,
-                       idle_timeout_s=config.server.idle_timeout_s) as client:
+    with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
+        state = _initial_model(config, train, held)
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held)

@@ -19,6 +19,7 @@ import grpc
 
 from crosslm_shared import convert
 from crosslm_shared.bundle import Manifest
+from crosslm_shared.certs import read_pem
 from crosslm_shared.errors import CrossLMError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
@@ -41,6 +42,20 @@ class TransportError(CrossLMError):
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """mTLS material of one silo: the CA that signed the server, and the silo's certificate and key."""
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str = ""  # overrides the name checked against the server certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=read_pem(self.ca, "[server] ca"),
+                                            private_key=read_pem(self.key, "[server] key"),
+                                            certificate_chain=read_pem(self.cert, "[server] cert"))
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     initial_s: float = 0.5
     max_s: float = 30.0
@@ -56,21 +71,29 @@ class RetryPolicy:
 class CrossLMClient:
     def __init__(self, address: str, silo: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_message_bytes: int = 6 * 1024 * 1024, retry: RetryPolicy = RetryPolicy(),
-                 keepalive_s: int = 30, idle_timeout_s: float = 120.0):
+                 keepalive_s: int = 30, idle_timeout_s: float = 120.0, tls: TlsFiles | None = None):
+        """`tls=None` is plaintext dev mode: the silo names itself in a header. With `tls` the
+        server reads the silo from the certificate's CN and `silo` is only used in logs."""
         self.address, self.silo, self.chunk_size, self.retry = address, silo, chunk_size, retry
         self.idle_timeout_s = idle_timeout_s
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.keepalive_time_ms", keepalive_s * 1000),
                          ("grpc.keepalive_timeout_ms", 20_000)]
-        self._metadata = ((SILO_METADATA_KEY, silo),)
+        self._credentials = tls.credentials() if tls else None
+        if tls and tls.server_name:
+            self._options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self._metadata = () if tls else ((SILO_METADATA_KEY, silo),)
         self.channel: grpc.Channel | None = None
         self._connect()
 
     def _connect(self) -> None:
         if self.channel is not None:
             self.channel.close()
-        self.channel = grpc.insecure_channel(self.address, options=self._options)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(self.address, options=self._options)
+        else:
+            self.channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
         self.stub = pb_grpc.CrossLMStub(self.channel)
 
     def close(self) -> None:

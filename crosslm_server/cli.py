@@ -1,4 +1,4 @@
-"""`crosslm`: the engine's command line (simulate; later demo, study, certs)."""
+"""`crosslm`: the engine's command line (simulate, study, certs)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ log = logging.getLogger("crosslm")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, ml: bool = True) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not ml:  # commands that load no model need not pay for importing transformers
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
@@ -64,6 +66,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from crosslm_shared.certs import make_certs
+
+    silos = [s.strip() for s in args.silos.split(",") if s.strip()]
+    paths = make_certs(Path(args.out), server_hosts=args.server_host or [], silos=silos, days=args.days,
+                       force=args.force)
+    print(f"CA:     {paths.ca}  (give this file to every silo; keep ca.key offline)")
+    print(f"server: {paths.server_cert}  {paths.server_key}")
+    for silo, (cert, key) in paths.silos.items():
+        print(f"silo {silo}: {cert}  {key}  (send only to silo {silo})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslm", description="CrossLM: mutual enhancement of an LLM and silos' SLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,12 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated arms (default: all: crosslm and every ablation); the baselines always run")
     st.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for every arm")
     st.set_defaults(func=cmd_study)
+    ce = sub.add_parser("certs", help="make a CA, a server certificate and one client certificate per silo (mTLS)")
+    ce.add_argument("--out", default="runs/certs", help="output folder (default: %(default)s)")
+    ce.add_argument("--server-host", action="append", metavar="NAME",
+                    help="DNS name or IP the silos dial, added to the server certificate (repeatable; "
+                         "localhost and 127.0.0.1 are always included)")
+    ce.add_argument("--silos", required=True, help="comma-separated silo names; each becomes a certificate's CN")
+    ce.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
+    ce.add_argument("--force", action="store_true", help="replace an existing CA in --out (default: refuse)")
+    ce.set_defaults(func=cmd_certs, ml=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, ml=getattr(args, "ml", True))
     try:
         return args.func(args)
     except CrossLMError as e:

@@ -19,12 +19,13 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from crosslm_shared.errors import CrossLMError
+from crosslm_shared.certs import read_pem
+from crosslm_shared.errors import ConfigError, CrossLMError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_server.engine_api import create_engine
 from crosslm_server.http import build_app
 from crosslm_server.metrics import Metrics
-from crosslm_server.server_config import ServerConfig
+from crosslm_server.server_config import ServerConfig, ServerSection
 from crosslm_server.service import CrossLMService, Limits
 from crosslm_server.servicer import CrossLMServicer
 from crosslm_server.store import MemoryStore, Store
@@ -85,8 +86,9 @@ class Server:
         self._http_thread.start()
         self._ready_thread.start()
         self.health.set("", SERVING)
-        log.info("serving gRPC on %s:%d and HTTP on %s:%d", self.config.server.grpc_host, self.grpc_port,
-                 self.config.server.http_host, self.http_port)
+        log.info("serving gRPC (%s) on %s:%d and HTTP on %s:%d",
+                 "PLAINTEXT" if self.config.server.plaintext_dev_mode else "mTLS",
+                 self.config.server.grpc_host, self.grpc_port, self.config.server.http_host, self.http_port)
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -125,12 +127,25 @@ def _dir_writable(folder: Path) -> bool:
         return False
 
 
+def server_credentials(s: ServerSection) -> grpc.ServerCredentials:
+    """mTLS: the server proves itself with its certificate and requires a client certificate
+    signed by `tls_ca`; a silo's identity is that certificate's CN."""
+    s.require_tls()
+    return grpc.ssl_server_credentials([(read_pem(s.tls_key, "[server] tls_key"),
+                                         read_pem(s.tls_cert, "[server] tls_cert"))],
+                                       root_certificates=read_pem(s.tls_ca, "[server] tls_ca"),
+                                       require_client_auth=True)
+
+
 def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     """Create and bind everything; nothing runs until `Server.start()`."""
     s = config.server
     if s.plaintext_dev_mode:
         log.warning("PLAINTEXT DEV MODE: no TLS, silos are named by a request header and anyone who can "
                     "reach port %d can upload as any silo. Never expose this server beyond a demo.", s.grpc_port)
+        credentials = None
+    else:
+        credentials = server_credentials(s)
     Path(s.data_dir).mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     store = open_store(config)
@@ -151,13 +166,18 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
                               options=options)
     pb_grpc.add_CrossLMServicer_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
-                                                          idle_timeout_s=s.idle_timeout_s),
+                                                          idle_timeout_s=s.idle_timeout_s,
+                                                          max_uploads_per_silo=s.max_uploads_per_silo),
                                           grpc_server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", NOT_SERVING)
     health_servicer.set(SERVICE_NAME, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    port = grpc_server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+    bind = f"{s.grpc_host}:{s.grpc_port}"
+    port = (grpc_server.add_insecure_port(bind) if credentials is None
+            else grpc_server.add_secure_port(bind, credentials))
+    if not port:
+        raise ConfigError(f"[server] grpc_host/grpc_port: cannot bind {bind}; choose a free port (0 = any)")
     http_socket = socket.socket(socket.AF_INET6 if ":" in s.http_host else socket.AF_INET)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((s.http_host, s.http_port))

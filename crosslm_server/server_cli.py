@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=str, default=None, help="override [server] data_dir (default: from file)")
     run.add_argument("--engine", type=str, default=None,
                      help="override [engine] name; the file's [engine.options] are dropped when it differs")
+    run.add_argument("--tls-cert", type=str, default=None, help="override [server] tls_cert (default: from file)")
+    run.add_argument("--tls-key", type=str, default=None, help="override [server] tls_key (default: from file)")
+    run.add_argument("--tls-ca", type=str, default=None, help="override [server] tls_ca (default: from file)")
+    run.add_argument("--plaintext-dev", action="store_true",
+                     help="no TLS, silos named by a header: a local demo only, never reachable by others "
+                          "(default: mTLS as the file says)")
     ad = sub.add_parser("adapters", help="list or roll back the LLM adapter versions (one per applied round)")
     ad_sub = ad.add_subparsers(dest="action", required=True)
     for name, help_ in (("list", "list the versions, marking the current one"),
@@ -64,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "adapters":
             config = load_server_config(args.config, overrides={"server": {"data_dir": data_dir}})
             return _adapters(args, config)
+        tls = {key: str(Path(value).resolve()) if value else None
+               for key, value in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca))}
         config = load_server_config(args.config, overrides={
-            "server": {"grpc_port": args.grpc_port, "http_port": args.http_port, "data_dir": data_dir},
+            "server": {"grpc_port": args.grpc_port, "http_port": args.http_port, "data_dir": data_dir,
+                       "plaintext_dev_mode": True if args.plaintext_dev else None, **tls},
             "engine": {"name": args.engine}})
+        config.server.require_tls()
         if args.engine and args.engine != load_server_config(args.config).engine.name:
             config = replace(config, engine=replace(config.engine, options={}))
     except CrossLMError as e:

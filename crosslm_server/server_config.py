@@ -29,7 +29,10 @@ class ServerSection:
     http_host: str = "0.0.0.0"          # interface of /healthz /readyz /metrics /v1/submissions
     http_port: int = 8080               # HTTP port (0 = any free port)
     data_dir: Path = Path("crosslm-data")  # uploads, bundles, results, work folders and the SQLite file
-    plaintext_dev_mode: bool = True     # no TLS; silo named by the x-crosslm-silo header. Demo only
+    plaintext_dev_mode: bool = False    # true: no TLS, silo named by the x-crosslm-silo header. Demo only
+    tls_cert: Path | None = None        # server certificate (PEM), e.g. runs/certs/server.pem from `crosslm certs`
+    tls_key: Path | None = None         # its private key (PEM, keep it 0600)
+    tls_ca: Path | None = None          # CA that signed the silos' client certificates (ca.pem)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
     max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
     max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
@@ -38,6 +41,7 @@ class ServerSection:
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
     idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
+    max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
     log_level: LogLevel = "INFO"        # logging level of the server process
 
     def __post_init__(self) -> None:
@@ -55,13 +59,31 @@ class ServerSection:
             raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
         if self.max_queue < 1:
             raise _bad("server", "max_queue", self.max_queue, ">= 1")
+        if self.max_uploads_per_silo < 1:
+            raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo, ">= 1")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
         if self.log_level not in get_args(LogLevel):
             raise _bad("server", "log_level", self.log_level, str(get_args(LogLevel)))
-        if not self.plaintext_dev_mode:
-            raise _bad("server", "plaintext_dev_mode", self.plaintext_dev_mode,
-                       "true (mTLS is not implemented yet; it lands with the security issue)")
+
+    def require_tls(self) -> None:
+        """Refuse to serve without mTLS material unless plaintext dev mode was asked for explicitly.
+
+        Checked when serving, not when loading: `crosslm-server adapters` needs no certificates.
+        """
+        if self.plaintext_dev_mode:
+            return
+        missing = [name for name in ("tls_cert", "tls_key", "tls_ca") if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"[server] {', '.join(missing)} not set: mTLS needs the server certificate, its key "
+                              "and the CA of the silos' certificates (make them with `crosslm certs --out runs/certs "
+                              "--silos a,b`), or set plaintext_dev_mode = true for a local demo only")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = Path(getattr(self, name))
+            if not path.is_file():
+                raise ConfigError(f"[server] {name}={str(path)!r} does not exist; make the certificates with "
+                                  "`crosslm certs --out DIR --server-host NAME --silos a,b` and point "
+                                  f"{name} at them")
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ def _section(cls, section: str, raw: dict[str, Any], base: Path):
         raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known: {sorted(known)}")
     values = dict(raw)
     for name, value in raw.items():
-        if name in ("data_dir", "path") and value is not None:
+        if name in ("data_dir", "path", "tls_cert", "tls_key", "tls_ca") and value is not None:
             values[name] = (base / Path(value)).resolve()
     try:
         return cls(**values)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -84,21 +87,47 @@ def _mapped_stream(method):
     return wrapper
 
 
-def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str) -> None:
-    log.warning("upload %s from silo %s: no bytes for too long; stream cancelled (it can resume)", upload_id, silo)
-    context.cancel()
+def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str, idle_s: float) -> None:
+    log.warning("upload %s from silo %s: no bytes for %.0f s; stream cancelled (it can resume)", upload_id, silo, idle_s)
+    details = (f"upload {upload_id!r} sent no bytes for {idle_s:.0f} s (server idle_timeout_s): the stream was cut; "
+               "resume it from QueryUpload's committed offsets")
+    try:  # grpc's public cancel() sends a bare CANCELLED; the core call can carry a status and a reason
+        context._rpc_event.call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details)
+    except Exception:  # noqa: BLE001 - another grpc version: the bare cancel still cuts the stream
+        context.cancel()
 
 
 class CrossLMServicer(pb_grpc.CrossLMServicer):
     def __init__(self, service: CrossLMService, metrics: Metrics, *, allow_dev_identity: bool,
-                 idle_timeout_s: float = 0.0):
+                 idle_timeout_s: float = 0.0, max_uploads_per_silo: int = 4):
         self.service, self.metrics, self.allow_dev_identity = service, metrics, allow_dev_identity
-        self.idle_timeout_s = idle_timeout_s
+        self.idle_timeout_s, self.max_uploads_per_silo = idle_timeout_s, max_uploads_per_silo
+        self._streaming: Counter[str] = Counter()  # silo -> open Upload streams
+        self._streaming_lock = threading.Lock()
+
+    @contextmanager
+    def _upload_slot(self, silo: str):
+        """Admission control: one silo may hold at most `max_uploads_per_silo` handler threads."""
+        with self._streaming_lock:
+            if self._streaming[silo] >= self.max_uploads_per_silo:
+                raise ResourceExhaustedError(
+                    f"silo {silo!r} already has {self._streaming[silo]} uploads streaming (server "
+                    f"max_uploads_per_silo={self.max_uploads_per_silo}): finish or cancel one, then retry")
+            self._streaming[silo] += 1
+        try:
+            yield
+        finally:
+            with self._streaming_lock:
+                self._streaming[silo] -= 1
 
     def identify(self, context: grpc.ServicerContext) -> str:
         cn = context.auth_context().get("x509_common_name")
         if cn:
-            return cn[0].decode()
+            silo = cn[0].decode(errors="replace")
+            if _SILO_RE.match(silo):
+                return silo
+            raise UnauthenticatedError(f"certificate CN {silo!r} is not a valid silo name; ask the server's "
+                                       "operator for a certificate made by `crosslm certs`")
         if self.allow_dev_identity:
             silo = dict(context.invocation_metadata()).get(SILO_METADATA_KEY, "")
             if _SILO_RE.match(silo):
@@ -110,13 +139,18 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
     @_mapped
     def Upload(self, request_iterator, context):
         silo = self.identify(context)
+        with self._upload_slot(silo):
+            return self._upload(silo, request_iterator, context)
+
+    def _upload(self, silo: str, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidRequestError("the first Upload message must be an UploadHeader (upload_id + manifest)")
         manifest = convert.manifest_from_pb(first.header.manifest)
         gauge = self.metrics.active_transfers.labels("upload")
         gauge.inc()
-        watchdog = IdleWatchdog(self.idle_timeout_s, lambda: _cancel_idle(context, silo, first.header.upload_id))
+        watchdog = IdleWatchdog(self.idle_timeout_s,
+                                lambda: _cancel_idle(context, silo, first.header.upload_id, self.idle_timeout_s))
         try:
             upload, committed = self.service.receive_upload(
                 silo, first.header.upload_id, manifest, self._chunks(request_iterator, watchdog))

@@ -21,11 +21,17 @@ def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
 
 def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, **server) -> ServerConfig:
     section = dict(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0, data_dir=data_dir,
-                   grace_s=5) | server
+                   grace_s=5, plaintext_dev_mode=True) | server
     return ServerConfig(
         server=ServerSection(**section),
         store=StoreSection(kind=store),
         engine=EngineSection(name="tiny", options=dict(engine_options or {})))
+
+
+def tls_server_config(data_dir: Path, certs: Path, **kw) -> ServerConfig:
+    """A server config with mTLS, from certificates made by `make_certs(certs, ...)`."""
+    return server_config(data_dir, plaintext_dev_mode=False, tls_cert=certs / "server.pem",
+                         tls_key=certs / "server.key", tls_ca=certs / "ca.pem", **kw)
 
 
 def start_server(config: ServerConfig, **kw):

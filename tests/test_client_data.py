@@ -82,6 +82,11 @@ def test_example_configs_load():
     for name in "abcd":
         cfg = load_silo_config(examples / f"silo-{name}.toml")
         assert cfg.silo.name == f"silo-{name}" and cfg.silo.arch in ("minilm", "mpnet4")
+        assert not cfg.server.plaintext_dev_mode  # mTLS, certificates from `crosslm certs --out runs/certs`
+        assert cfg.server.cert == examples.parent / "runs" / "certs" / f"silo-{name}.pem"
+        assert cfg.server.ca == examples.parent / "runs" / "certs" / "ca.pem"
     server = load_server_config(examples / "server.toml")
+    assert not server.server.plaintext_dev_mode
+    assert server.server.tls_ca == examples.parent / "runs" / "certs" / "ca.pem"
     assert (server.server.grpc_port, server.server.http_port, server.engine.name) == (50051, 8080, "crosslm")
     assert Path(server.engine.options["config"]) == examples / "rt-4silo.toml"  # resolved against the file

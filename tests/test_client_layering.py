@@ -22,6 +22,6 @@ def test_client_never_imports_the_server():
 
 
 def test_shared_service_modules_import_neither_side():
-    for name in ("bundle", "transfer", "convert", "records"):
+    for name in ("bundle", "transfer", "convert", "records", "certs"):
         roots = imported_roots(ROOT / "shared" / f"{name}.py")
         assert not roots & {"crosslm_server", "crosslm_client"}, name

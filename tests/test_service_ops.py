@@ -158,9 +158,16 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
     import urllib.request
     from pathlib import Path
 
+    from crosslm_shared.certs import make_certs
+
+    # The example serves mTLS with certificates under runs/certs; here they are made in tmp_path
+    # (the same `crosslm certs` code) and passed with the flags that override the file's paths.
+    certs = make_certs(tmp_path / "certs", server_hosts=[], silos=["silo-a"])
     example = Path(__file__).resolve().parent.parent / "examples" / "server.toml"
     proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(example),
-                             "--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")],
+                             "--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data"),
+                             "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                             "--tls-ca", str(certs.ca)],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         lines = []
@@ -168,7 +175,7 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
             lines.append(line)
             if "serving gRPC" in line:
                 break
-        assert any("PLAINTEXT DEV MODE" in l for l in lines)
+        assert not any("PLAINTEXT DEV MODE" in l for l in lines) and "(mTLS)" in lines[-1]
         grpc_port, http_port = map(int, re.search(r":(\d+) and HTTP on .*:(\d+)", lines[-1]).groups())
 
         def get(path):
@@ -182,7 +189,9 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
         assert get("/healthz")[0] == 200
         assert get("/v1/submissions") == (200, '{"submissions":[]}')
         assert "crosslm_rounds_total" in get("/metrics")[1]
-        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        cert, key = certs.silos["silo-a"]
+        creds = grpc.ssl_channel_credentials(certs.ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+        stub = health_pb2_grpc.HealthStub(grpc.secure_channel(f"localhost:{grpc_port}", creds))
         for service in ("", "crosslm.v1.CrossLM"):
             assert wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(service=service)).status == SERVING)
         proc.send_signal(signal.SIGTERM)
@@ -192,6 +201,15 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert (tmp_path / "data" / "state.db").exists()
+
+
+def test_serving_without_certificates_exits_2_and_says_how_to_make_them(tmp_path):
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    r = subprocess.run([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "tls_cert" in r.stderr and "crosslm certs" in r.stderr
+    assert "plaintext_dev_mode = true" in r.stderr
 
 
 def test_bad_config_exits_2_with_the_field_named(tmp_path):

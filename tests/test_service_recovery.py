@@ -1,0 +1,197 @@
+"""Crash recovery (kill -9): the server mid-upload and mid-round, a client mid-upload.
+
+The server runs as a real `crosslm-server serve` process on a SQLite store; after SIGKILL it
+is started again on the same data_dir. Uploads resume from the committed offset, an
+interrupted round runs again and finishes once, nothing accepted is lost.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crosslm_client.transport import CrossLMClient, RetryPolicy, TransportError
+from crosslm_shared.bundle import make_manifest, sha256_file
+from service_helpers import LABELS, address, server_config, start_server, tiny_bundle
+
+pytestmark = pytest.mark.recovery
+CHUNK = 256 * 1024
+FAST = RetryPolicy(initial_s=0.05, max_s=0.5, max_attempts=20)
+
+
+class ServerProcess:
+    def __init__(self, root, *, engine_options: str = ""):
+        self.root = root
+        self.config = root / "server.toml"
+        self.config.write_text(textwrap.dedent(f"""\
+            [server]
+            grpc_host = "127.0.0.1"
+            grpc_port = 0
+            http_host = "127.0.0.1"
+            http_port = 0
+            data_dir = "data"
+            plaintext_dev_mode = true
+            grace_s = 2
+            [store]
+            kind = "sqlite"
+            [engine]
+            name = "tiny"
+            [engine.options]
+            {engine_options}
+            """))
+        self.proc, self.port, self.starts = None, None, 0
+
+    def start(self) -> "ServerProcess":
+        self.starts += 1
+        log = self.root / f"server-{self.starts}.log"
+        with log.open("w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve",
+                                          "--config", str(self.config)], stderr=f, cwd=self.root)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            match = re.search(r"serving gRPC \(\w+\) on [^:]+:(\d+)", log.read_text())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            assert self.proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"server did not start: {log.read_text()}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def big_bundle(tmp_path):
+    folder, _ = tiny_bundle(tmp_path / "silo")
+    save_file({"w": torch.randn(7 * CHUNK // 4 + 5)}, str(folder / "model.safetensors"))
+    return folder, make_manifest(folder, task="rt", silo="a", arch="tiny", labels=LABELS)
+
+
+def test_server_killed_mid_upload_resumes_from_the_committed_offset(tmp_path, big_bundle):
+    folder, manifest = big_bundle
+    server = ServerProcess(tmp_path).start()
+    try:
+        errors = []
+
+        def slow_upload():
+            with CrossLMClient(server.address, "a", chunk_size=CHUNK, retry=RetryPolicy(max_attempts=1)) as client:
+                try:
+                    client.upload(folder, manifest, "a-crash-up-01", on_chunk=lambda c: time.sleep(0.2))
+                except TransportError as e:
+                    errors.append(e)
+
+        uploader = threading.Thread(target=slow_upload)
+        uploader.start()
+        with CrossLMClient(server.address, "a", chunk_size=CHUNK, retry=FAST) as probe:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                held = probe.query_upload("a-crash-up-01")
+                if held and sum(held[0].values()) >= 2 * CHUNK:
+                    break
+                time.sleep(0.02)
+        server.kill9()
+        uploader.join(30)
+        assert errors, "the upload should have failed with the server gone"
+        server.start()
+        with CrossLMClient(server.address, "a", chunk_size=CHUNK, retry=FAST) as client:
+            committed, complete = client.query_upload("a-crash-up-01")
+            held = sum(committed.values())
+            assert not complete and held >= 2 * CHUNK  # what was fsynced before the kill survived
+            resent = []
+            client.upload(folder, manifest, "a-crash-up-01", on_chunk=lambda c: resent.append(len(c.data)))
+            assert sum(resent) == manifest.total_size - held  # only what was missing
+            assert client.query_upload("a-crash-up-01")[1]
+        bundle = tmp_path / "data" / "bundles" / "a-crash-up-01"
+        for entry in manifest.files:
+            assert sha256_file(bundle / entry.name) == entry.sha256
+        assert not (tmp_path / "data" / "uploads" / "a-crash-up-01").exists()
+    finally:
+        server.stop()
+
+
+def test_server_killed_mid_round_runs_it_again_once(tmp_path):
+    folder, manifest = tiny_bundle(tmp_path / "silo")
+    server = ServerProcess(tmp_path, engine_options="step_seconds = 0.5").start()
+    try:
+        with CrossLMClient(server.address, "a", retry=FAST) as client:
+            client.upload(folder, manifest, "a-crash-rd-01")
+            sub = client.submit("a-crash-rd-01")
+            for event in client.watch(sub.submission_id):
+                if event.kind == "generating":
+                    break
+        server.kill9()
+        server.start()
+        with CrossLMClient(server.address, "a", retry=FAST) as client:
+            events = list(client.watch(sub.submission_id))
+            assert events[-1].kind == "ready", [e.kind for e in events]
+            kinds = [e.kind for e in events]
+            assert kinds.count("ready") == 1 and kinds.count("started") == 2  # interrupted, then once more
+            assert any(e.kind == "queued" and e.fields.get("rerun") for e in events)
+            assert [s.submission_id for s in client.list_submissions()] == [sub.submission_id]
+            assert client.submit("a-crash-rd-01").submission_id == sub.submission_id  # not queued twice
+            done = client.get_submission(sub.submission_id)
+            out = client.download(sub.submission_id, done.result, tmp_path / "back")
+            assert all(sha256_file(out / f.name) == f.sha256 for f in done.result.files)
+    finally:
+        server.stop()
+
+
+CLIENT = """
+import sys, time
+from pathlib import Path
+from crosslm_client.transport import CrossLMClient
+from crosslm_shared.bundle import make_manifest
+folder = Path(sys.argv[2])
+manifest = make_manifest(folder, task="rt", silo="a", arch="tiny", labels=("neg", "pos"))
+with CrossLMClient(sys.argv[1], "a", chunk_size=262144) as client:
+    client.upload(folder, manifest, "a-crash-cl-01", on_chunk=lambda c: time.sleep(0.3))
+"""
+
+
+def test_client_killed_mid_upload_resumes_after_restart(tmp_path, big_bundle):
+    folder, manifest = big_bundle
+    server = start_server(server_config(tmp_path / "server"))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", CLIENT, address(server), str(folder)])
+        with CrossLMClient(address(server), "a", chunk_size=CHUNK, retry=FAST) as probe:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                held = probe.query_upload("a-crash-cl-01")
+                if held and sum(held[0].values()) >= 2 * CHUNK:
+                    break
+                assert proc.poll() is None
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            time.sleep(0.5)  # the server notices the dead stream
+            committed, complete = probe.query_upload("a-crash-cl-01")
+            held = sum(committed.values())
+            assert not complete and held >= 2 * CHUNK
+            resent = []
+            probe.upload(folder, manifest, "a-crash-cl-01", on_chunk=lambda c: resent.append(len(c.data)))
+            assert sum(resent) == manifest.total_size - held
+            assert probe.query_upload("a-crash-cl-01")[1]
+        assert server.readiness()[0]
+    finally:
+        server.stop(grace=1)
