@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Upload and download throughput of a large bundle, and the server's peak RSS, next to a raw
-grpcio stream of the same bytes measured in the same run (issue 4's closing note).
+grpcio stream of the same bytes, and the same transfers over mTLS, all measured in the same run.
 
     .venv/bin/python benchmarks/bench_transfer.py --mib 256 [--out bench.json]
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import grpc
 
 from crosslm_client.tiny import new_tiny_slm
-from crosslm_client.transport import CrossLMClient
+from crosslm_client.transport import CrossLMClient, TlsFiles
+from crosslm_shared.certs import make_certs
 from crosslm_shared.bundle import make_manifest
 
 MiB = 1024 * 1024
@@ -79,11 +80,21 @@ def write_big_safetensors(path: Path, mib: int) -> None:
             f.write(block)
 
 
-def bench_crosslm(root: Path, folder: Path, manifest, mib: int) -> dict:
+def bench_crosslm(root: Path, folder: Path, manifest, mib: int, *, tls: bool = False) -> dict:
+    """Upload then download through a real `crosslm-server` (echo engine), plaintext or mTLS."""
     grpc_port, http_port = free_port(), free_port()
+    root = root / ("mtls" if tls else "plain")
+    root.mkdir()
+    security = 'plaintext_dev_mode = true\n'
+    tls_files = None
+    if tls:
+        paths = make_certs(root / "certs", server_hosts=[], silos=["bench"])
+        security = (f'tls_cert = "{paths.server_cert}"\ntls_key = "{paths.server_key}"\ntls_ca = "{paths.ca}"\n')
+        tls_files = TlsFiles(ca=paths.ca, cert=paths.silos["bench"][0], key=paths.silos["bench"][1])
     cfg = root / "server.toml"
     cfg.write_text(f'[server]\ngrpc_host = "127.0.0.1"\ngrpc_port = {grpc_port}\nhttp_host = "127.0.0.1"\n'
-                   f'http_port = {http_port}\ndata_dir = "data"\nlog_level = "WARNING"\n[engine]\nname = "echo"\n')
+                   f'http_port = {http_port}\ndata_dir = "data"\nlog_level = "WARNING"\n{security}'
+                   '[engine]\nname = "echo"\n')
     proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)])
     try:
         for _ in range(600):
@@ -93,7 +104,7 @@ def bench_crosslm(root: Path, folder: Path, manifest, mib: int) -> dict:
             except OSError:
                 time.sleep(0.1)
         idle_rss = peak_rss_mib(proc.pid)
-        with CrossLMClient(f"127.0.0.1:{grpc_port}", "bench") as client:
+        with CrossLMClient(f"127.0.0.1:{grpc_port}", "bench", tls=tls_files) as client:
             t0 = time.perf_counter()
             client.upload(folder, manifest, "bench-upload-0001")
             up_s = time.perf_counter() - t0
@@ -157,7 +168,13 @@ def main() -> int:
         manifest = make_manifest(folder, task="bench", silo="bench", arch="tiny", labels=["neg", "pos"])
         result = {"bundle_mib": round(manifest.total_size / MiB, 1), "cpu_cores": os.cpu_count(),
                   "crosslm": bench_crosslm(root, folder, manifest, args.mib),
+                  "crosslm_mtls": bench_crosslm(root, folder, manifest, args.mib, tls=True),
                   "raw_grpcio": bench_raw(root, folder / "model.safetensors")}
+        c, t, r = result["crosslm"], result["crosslm_mtls"], result["raw_grpcio"]
+        result["ratios"] = {"upload_vs_raw": round(c["upload_mib_s"] / r["upload_mib_s"], 3),
+                            "download_vs_raw": round(c["download_mib_s"] / r["download_mib_s"], 3),
+                            "mtls_vs_plain_upload": round(t["upload_mib_s"] / c["upload_mib_s"], 3),
+                            "mtls_vs_plain_download": round(t["download_mib_s"] / c["download_mib_s"], 3)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
