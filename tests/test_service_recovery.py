@@ -27,7 +27,7 @@ FAST = RetryPolicy(initial_s=0.05, max_s=0.5, max_attempts=20)
 
 
 class ServerProcess:
-    def __init__(self, root, *, engine_options: str = ""):
+    def __init__(self, root, *, engine_options: str = "", engine: str = "tiny"):
         self.root = root
         self.config = root / "server.toml"
         self.config.write_text(textwrap.dedent(f"""\
@@ -42,7 +42,7 @@ class ServerProcess:
             [store]
             kind = "sqlite"
             [engine]
-            name = "tiny"
+            name = "{engine}"
             [engine.options]
             {engine_options}
             """))
@@ -195,3 +195,37 @@ def test_client_killed_mid_upload_resumes_after_restart(tmp_path, big_bundle):
         assert server.readiness()[0]
     finally:
         server.stop(grace=1)
+
+
+def test_server_killed_mid_round_never_applies_a_round_twice_to_the_llm_adapter(tmp_path, tiny_sim_config,
+                                                                                   toy_task_path, tiny_slm_dir):
+    """The real engine (tiny models): whenever the kill lands, one adapter version per submission."""
+    from conftest import write_task
+    from crosslm_server.adapters import AdapterStore
+    from crosslm_shared.slm import new_slm
+    from crosslm_shared.tasks import load_task
+
+    (tmp_path / "task").mkdir()
+    task_path = write_task(tmp_path / "task", labels=("negative", "positive"))
+    tiny_sim_config.write_text(tiny_sim_config.read_text().replace(str(toy_task_path), str(task_path)))
+    task = load_task(task_path)
+    folder = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "silo" / "slm")
+    manifest = make_manifest(folder, task=task.name, silo="a", arch="bert", labels=tuple(task.label_names))
+    server = ServerProcess(tmp_path, engine="crosslm",
+                           engine_options=f'config = "{tiny_sim_config}"\ntasks = ["{task_path}"]').start()
+    try:
+        with CrossLMClient(server.address, "a", retry=FAST) as client:
+            client.upload(folder, manifest, "a-crash-llm-01")
+            sub = client.submit("a-crash-llm-01")
+            for event in client.watch(sub.submission_id):
+                if event.kind == "training_llm":
+                    break
+        server.kill9()
+        server.start()
+        with CrossLMClient(server.address, "a", retry=FAST) as client:
+            kinds = [e.kind for e in client.watch(sub.submission_id)]
+            assert kinds[-1] == "ready" and kinds.count("ready") == 1, kinds
+        versions = AdapterStore(tmp_path / "data" / "adapters").versions()
+        assert [v.meta["submission_id"] for v in versions] == [sub.submission_id]
+    finally:
+        server.stop()
