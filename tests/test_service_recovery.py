@@ -130,18 +130,24 @@ def test_server_killed_mid_upload_resumes_from_the_committed_offset(tmp_path, bi
         server.stop()
 
 
+def submit_and_kill_at(server: ServerProcess, folder, manifest, upload_id: str, kind: str):
+    """Upload and submit, kill -9 the server at the first event of ``kind``, start it again."""
+    with CrossLMClient(server.address, "a", retry=FAST) as client:
+        client.upload(folder, manifest, upload_id)
+        sub = client.submit(upload_id)
+        for event in client.watch(sub.submission_id):
+            if event.kind == kind:
+                break
+    server.kill9()
+    server.start()
+    return sub
+
+
 def test_server_killed_mid_round_runs_it_again_once(tmp_path):
     folder, manifest = tiny_bundle(tmp_path / "silo")
     server = ServerProcess(tmp_path, engine_options="step_seconds = 0.5").start()
     try:
-        with CrossLMClient(server.address, "a", retry=FAST) as client:
-            client.upload(folder, manifest, "a-crash-rd-01")
-            sub = client.submit("a-crash-rd-01")
-            for event in client.watch(sub.submission_id):
-                if event.kind == "generating":
-                    break
-        server.kill9()
-        server.start()
+        sub = submit_and_kill_at(server, folder, manifest, "a-crash-rd-01", "generating")
         with CrossLMClient(server.address, "a", retry=FAST) as client:
             events = list(client.watch(sub.submission_id))
             assert events[-1].kind == "ready", [e.kind for e in events]
@@ -214,14 +220,7 @@ def test_server_killed_mid_round_never_applies_a_round_twice_to_the_llm_adapter(
     server = ServerProcess(tmp_path, engine="crosslm",
                            engine_options=f'config = "{tiny_sim_config}"\ntasks = ["{task_path}"]').start()
     try:
-        with CrossLMClient(server.address, "a", retry=FAST) as client:
-            client.upload(folder, manifest, "a-crash-llm-01")
-            sub = client.submit("a-crash-llm-01")
-            for event in client.watch(sub.submission_id):
-                if event.kind == "training_llm":
-                    break
-        server.kill9()
-        server.start()
+        sub = submit_and_kill_at(server, folder, manifest, "a-crash-llm-01", "training_llm")
         with CrossLMClient(server.address, "a", retry=FAST) as client:
             kinds = [e.kind for e in client.watch(sub.submission_id)]
             assert kinds[-1] == "ready" and kinds.count("ready") == 1, kinds
