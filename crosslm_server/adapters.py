@@ -10,12 +10,11 @@ update is already saved is never applied to the adapter twice.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crosslm_shared.atomic import atomic_dir, write_text_atomic
 from crosslm_shared.errors import NotFoundError
 
 META = "crosslm.json"
@@ -55,13 +54,11 @@ class AdapterStore:
         versions = self.versions()
         n = (versions[-1].version + 1) if versions else 1
         final = self.root / f"v{n:05d}"
-        tmp = self.root / f"v{n:05d}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        llm.save_adapter(tmp)
         meta = {"version": n, "submission_id": submission_id, "silo": silo, "task": task,
                 "saved_at": time.time(), "metrics": metrics}
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=float))
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            llm.save_adapter(tmp)
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=float))
         self._point(n)
         return AdapterVersion(n, final, meta)
 
@@ -74,6 +71,4 @@ class AdapterStore:
         return found[version]
 
     def _point(self, version: int) -> None:
-        tmp = self.root / "CURRENT.partial"
-        tmp.write_text(str(version))
-        os.replace(tmp, self.root / "CURRENT")
+        write_text_atomic(self.root / "CURRENT", str(version))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from crosslm_shared.atomic import atomic_dir, write_text_atomic
 from crosslm_shared.slm import SLM, load_slm
 
 
@@ -36,9 +35,7 @@ class ArtefactCache:
         if path.exists():
             return json.loads(path.read_text())
         value = compute()
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps(value, default=float))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(value, default=float))
         return value
 
     def slm(self, name: str, key: str, compute: Callable[[], tuple[SLM, dict]]) -> tuple[SLM, dict]:
@@ -49,9 +46,6 @@ class ArtefactCache:
             slm = load_slm(path)
             return slm, slm.info
         slm, info = compute()
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        slm.save(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            slm.save(tmp)
         return slm, info

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
 from crosslm_server.generate import Generation
 from crosslm_server.llm import LLM, load_llm
 from crosslm_server.round import run_round
+from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.errors import ConfigError, PreconditionError
 from crosslm_shared.slm import load_slm
 from crosslm_shared.tasks import TaskSpec, load_task
@@ -123,7 +123,7 @@ class CrossLMEngine:
                      len(generated.samples))
             emit("resumed", {"stage": "scoring", "samples": len(generated.samples)})
         res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit, generated=generated,
-                        on_generated=lambda g: _write_atomic(checkpoint, json.dumps(g.to_json())))
+                        on_generated=lambda g: write_text_atomic(checkpoint, json.dumps(g.to_json())))
         out = res.enhanced.save(work / "enhanced")
         metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
@@ -136,11 +136,3 @@ class CrossLMEngine:
                  request.submission_id, res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"],
                  res.metrics["kl"])
         return RoundOutcome(slm_dir=out, metrics=metrics)
-
-
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
