@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crosslm_shared import assets
 from crosslm_shared.atomic import atomic_dir
+from crosslm_shared.slm import device as torch_device
 from crosslm_shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ class LLMConfig:
             raise ConfigError(f"llm.lora_r = {self.lora_r}; must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"llm.dtype = {self.dtype!r}; use auto, float32 or bfloat16")
-
-
-def torch_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _dtype(cfg: LLMConfig) -> torch.dtype:

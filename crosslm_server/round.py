@@ -79,7 +79,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     emit("training_slm", {"samples": len(keep)})
     kept_texts = [texts[i] for i in keep]
     target = targets([labels[i] for i in keep], scores.probs[keep], cfg.enhance) if keep else np.zeros((0, task.num_labels))
-    enhanced, enh = enhance_slm(submitter, kept_texts, target, cfg.enhance, cfg.slm)
+    enhanced, _ = enhance_slm(submitter, kept_texts, target, cfg.enhance, cfg.slm)
     seconds["enhance_slm"] = time.perf_counter() - t
 
     metrics = {

@@ -105,7 +105,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"], c["continue_on"])
     slm_cfg = replace(cfg.round.slm, seed=cfg.seed)
     rcfg = replace(cfg.round, slm=slm_cfg)
-    report: dict = {"task": task.name, "seed": cfg.seed, "config": as_dict(cfg), "silos": {}, "rounds": [],
+    report: dict = {"task": task.name, "seed": cfg.seed, "config": c, "silos": {}, "rounds": [],
                     "baselines": {}, "timing": {}}
 
     t = time.perf_counter()

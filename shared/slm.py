@@ -40,6 +40,7 @@ ARCHS = {
 
 
 def device() -> torch.device:
+    """CUDA when present, else CPU: one choice for the SLMs and the LLM alike."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
