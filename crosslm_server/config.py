@@ -55,6 +55,11 @@ class SimConfig:
     # the silo continues the returned SLM on its private data alone, or on private data plus the
     # kept synthetic set that came back with it (synthetic texts are not private)
     continue_on: Literal["private", "private+synthetic"] = "private+synthetic"
+    # which synthetic set comes back with an enhanced SLM: the kept examples of that round, or
+    # the task's pool (every kept example so far, all silos and rounds: synthetic texts are
+    # not private, and they carry what the other silos' SLMs rewarded). ZeroGen gets the
+    # same generation budget as the set a silo can draw from.
+    synthetic_pool: bool = True
     split: SplitConfig = field(default_factory=SplitConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     round: RoundConfig = field(default_factory=RoundConfig)

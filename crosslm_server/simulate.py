@@ -64,9 +64,15 @@ def judged_generations(llm, task, judge, cfg: SimConfig, seed: int) -> float:
     return on_label_rate(judge, gen.samples)
 
 
+def zerogen_budget(cfg: SimConfig) -> int:
+    """Texts per label ZeroGen generates: as many as CrossLM generates for the synthetic set a
+    silo draws from (one silo's rounds, or every silo's rounds with the pool)."""
+    return cfg.round.generate.per_label * cfg.rounds * (cfg.split.n_silos if cfg.synthetic_pool else 1)
+
+
 def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) -> dict:
     """ZeroGen-style: the untouched LLM's samples, the same filter and budget, the same silo-side step."""
-    budget = cfg.round.generate.per_label * cfg.rounds
+    budget = zerogen_budget(cfg)
     gen = generate(llm, task, cfg.round.generate, seed=cfg.seed + 7919, per_label=budget)
     texts = [s.text for s in gen.samples]
     labels = [s.label for s in gen.samples]
@@ -102,7 +108,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     # keyed by the split's contents too, so a change in how data is cut never reuses stale models
     base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split))
     llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
-    zerogen_key = config_key(llm_key, c["rounds"], c["round"]["filter"], c["round"]["enhance"], c["continue_on"])
+    zerogen_key = config_key(llm_key, zerogen_budget(cfg), c["round"]["filter"], c["round"]["enhance"],
+                             c["continue_on"])
     slm_cfg = replace(cfg.round.slm, seed=cfg.seed)
     rcfg = replace(cfg.round, slm=slm_cfg)
     report: dict = {"task": task.name, "seed": cfg.seed, "config": c, "silos": {}, "rounds": [],
@@ -140,6 +147,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
         report["timing"]["zerogen_s"] = time.perf_counter() - t
 
     latest = dict(local)
+    pool_texts: list[str] = []
+    pool_targets: list[np.ndarray] = []
     t = time.perf_counter()
     for r in range(1, cfg.rounds + 1):
         round_rec = {"round": r, "silos": {}}
@@ -147,15 +156,22 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
             log.info("round %d: %s submits its SLM", r, silo.name)
             res = run_round(llm, task, latest[silo.name], list(latest.values()), rcfg,
                             seed=cfg.seed * 1000 + r * 100 + j)
+            synthetic = res.synthetic
+            if cfg.synthetic_pool:
+                pool_texts += res.synthetic[0]
+                pool_targets.append(res.synthetic[1])
+                synthetic = (list(pool_texts), np.concatenate(pool_targets))
             chosen, info = adopt_if_better(latest[silo.name], res.enhanced, _pair(silo.train), _pair(silo.val),
-                                           slm_cfg, synthetic=res.synthetic if cfg.continue_on == "private+synthetic"
+                                           slm_cfg, synthetic=synthetic if cfg.continue_on == "private+synthetic"
                                            else None, desc=f"{silo.name} r{r}")
             latest[silo.name] = chosen
             acc = chosen.evaluate(*_pair(silo.test))
             report["silos"][silo.name]["acc_after"].append(acc)
             report["silos"][silo.name]["adopted"].append(info["adopted"])
             round_rec["silos"][silo.name] = {**res.metrics, "acc": acc, "adopted": info["adopted"],
-                                             "val_acc_returned": info["val_acc_returned"]}
+                                             "val_acc_returned": info["val_acc_returned"],
+                                             "val_acc_current": info["val_acc_current"], "n_val": info["n_val"],
+                                             "n_synthetic": len(synthetic[0])}
             _dump_samples(out / f"samples-r{r}-{silo.name}.jsonl", res)
             log.info("round %d %s: kept %d/%d, reward %.3f, kl %.4f, test acc %.3f (adopted=%s)", r, silo.name,
                      res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"], res.metrics["kl"],

@@ -59,12 +59,25 @@ class SLMTrainConfig:
     # "balanced_accuracy" (mean per-label recall) does not reward a label-skewed silo's
     # model for answering its majority label
     select_metric: Literal["accuracy", "balanced_accuracy"] = "balanced_accuracy"
+    # a label with fewer real validation examples than this is topped up with held-out
+    # synthetic examples of that label, when synthetic data came back: a silo that holds 2
+    # positives of 128 cannot otherwise tell a model that finds positives from one that never
+    # does (its validation split has no positive to miss). 0 = real validation only.
+    min_val_per_label: int = 8
+    # the loss weighs each label by n / (K · count), capped: a label-skewed silo's model
+    # otherwise learns to answer its majority label (part of tuning every arm honestly)
+    class_weighting: Literal["none", "balanced"] = "balanced"
+    max_class_weight: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ConfigError(f"slm.lrs = {self.lrs}; give one or more positive learning rates")
         if self.max_epochs < 1 or self.batch_size < 1:
             raise ConfigError("slm.max_epochs and slm.batch_size must be >= 1")
+        if self.class_weighting not in ("none", "balanced"):
+            raise ConfigError(f"slm.class_weighting = {self.class_weighting!r}; use 'none' or 'balanced'")
+        if self.min_val_per_label < 0:
+            raise ConfigError(f"slm.min_val_per_label = {self.min_val_per_label}; must be >= 0")
         if self.select_metric not in ("accuracy", "balanced_accuracy"):
             raise ConfigError(f"slm.select_metric = {self.select_metric!r}; use 'accuracy' or 'balanced_accuracy'")
 
@@ -159,6 +172,16 @@ def _targets(labels: Sequence[int] | np.ndarray, k: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.as_tensor(arr, dtype=torch.long), k).float()
 
 
+def class_weights(y: torch.Tensor, cfg: SLMTrainConfig) -> torch.Tensor:
+    """Per-example loss weights: 1, or n / (K · count of the example's label), capped."""
+    if cfg.class_weighting == "none":
+        return torch.ones(len(y))
+    hard = y.argmax(-1)
+    counts = torch.bincount(hard, minlength=y.shape[1]).float()
+    per_label = (len(y) / (y.shape[1] * counts.clamp(min=1))).clamp(max=cfg.max_class_weight)
+    return per_label[hard]
+
+
 def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg: SLMTrainConfig,
         val: tuple[Sequence[str], Sequence[int]] | None = None, desc: str = "train SLM",
         progress: Callable[[int, int], None] | None = None) -> dict:
@@ -170,6 +193,7 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
     if len(texts) == 0:
         return {"epochs": 0, "val_acc": slm.evaluate(*val, metric=cfg.select_metric) if val else float("nan")}
     y = _targets(targets, len(slm.labels))
+    w = class_weights(y, cfg)
     dev = next(slm.model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(slm.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -188,7 +212,8 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
             enc = slm.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
                                 max_length=cfg.max_length, return_tensors="pt").to(dev)
             logits = slm.model(**enc).logits.float()
-            loss = -(y[idx].to(dev) * torch.log_softmax(logits, -1)).sum(-1).mean()
+            per_example = -(y[idx].to(dev) * torch.log_softmax(logits, -1)).sum(-1)
+            loss = (w[idx].to(dev) * per_example).sum() / w[idx].sum().to(dev)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(slm.model.parameters(), 1.0)
             opt.step()
@@ -254,16 +279,57 @@ def with_synthetic(train: tuple[Sequence[str], Sequence[int]], synthetic: tuple[
     return texts, targets
 
 
+def synthetic_validation(val: tuple[Sequence[str], Sequence[int]],
+                         synthetic: tuple[Sequence[str], np.ndarray] | None, k: int, min_per_label: int, *,
+                         seed: int = 0) -> tuple[tuple[list[str], list[int]], tuple[list[str], np.ndarray] | None]:
+    """Top up the labels the real validation split lacks with held-out synthetic examples.
+
+    For each label with fewer than ``min_per_label`` real validation examples, synthetic
+    examples whose target argmax is that label move (a random draw, not the filter's best)
+    from the training set to the validation set, up to ``min_per_label`` minus the real
+    count and never more than half of that label's synthetic examples. Returns the
+    validation split and the synthetic set left for training.
+    """
+    texts, labels = list(val[0]), list(val[1])
+    if synthetic is None or not len(synthetic[0]) or min_per_label == 0:
+        return (texts, labels), synthetic
+    syn_texts = list(synthetic[0])
+    syn_targets = _targets(synthetic[1], k).numpy()
+    syn_labels = syn_targets.argmax(1)
+    real = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for lab in range(k):
+        need = min_per_label - int(real[lab])
+        pool = np.flatnonzero(syn_labels == lab)
+        take = min(need, len(pool) // 2)
+        if take > 0:
+            held += rng.choice(pool, size=take, replace=False).tolist()
+    if not held:
+        return (texts, labels), synthetic
+    rest = np.setdiff1d(np.arange(len(syn_texts)), held)
+    texts += [syn_texts[i] for i in held]
+    labels += [int(syn_labels[i]) for i in held]
+    return (texts, labels), ([syn_texts[i] for i in rest], syn_targets[rest])
+
+
 def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Sequence[int]],
                     val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
                     synthetic: tuple[Sequence[str], np.ndarray] | None = None,
                     desc: str = "continue") -> tuple[SLM, dict]:
     """The silo's side of a round: continue the returned SLM on private data (plus the returned
     synthetic set, if given), with the same selection as every baseline, then keep whichever of
-    it and ``current`` is better on the validation split (ties go to the newer model)."""
-    data = with_synthetic(train, synthetic, len(current.labels))
+    it and ``current`` is better on the validation split (ties go to the newer model).
+
+    With a synthetic set, labels the validation split lacks are topped up from it
+    (:func:`synthetic_validation`); both models are judged on the same topped-up split.
+    """
+    k = len(current.labels)
+    val, synthetic = synthetic_validation(val, synthetic, k, cfg.min_val_per_label, seed=cfg.seed)
+    data = with_synthetic(train, synthetic, k)
     continued, info = train_selected(returned, current.labels, data, val, cfg, desc=desc)
     current_acc = current.evaluate(*val, metric=cfg.select_metric)
     adopted = info["val_acc"] >= current_acc
     return (continued if adopted else current), {
-        "adopted": adopted, "val_acc_current": current_acc, "val_acc_returned": info["val_acc"], **info}
+        "adopted": adopted, "val_acc_current": current_acc, "val_acc_returned": info["val_acc"],
+        "n_val": len(val[0]), **info}

@@ -68,3 +68,43 @@ def test_with_synthetic_appends_soft_targets():
     assert texts == ["a", "b", "c"]
     assert targets.tolist() == [[1, 0], [0, 1], [pytest.approx(0.3), pytest.approx(0.7)]]
     assert with_synthetic((["a"], [1]), None, 2)[1].tolist() == [[0, 1]]
+
+
+def test_synthetic_validation_tops_up_only_the_labels_the_silo_lacks():
+    from crosslm_shared.slm import synthetic_validation
+
+    val = (["n1", "n2", "n3", "n4"], [0, 0, 0, 0])  # a silo with no positive in its validation split
+    syn_texts = [f"s{i}" for i in range(12)]
+    syn_targets = np.array([[0.8, 0.2]] * 6 + [[0.3, 0.7]] * 6)
+    (vt, vl), (tt, tg) = synthetic_validation(val, (syn_texts, syn_targets), 2, 4, seed=0)
+    assert vl.count(1) == 3  # half of the 6 positives at most; the 4 real negatives need no top-up
+    assert vl.count(0) == 4 and vt[:4] == val[0]
+    assert len(tt) == 9 and not set(tt) & set(vt)  # held-out examples leave the training set
+    assert (tg.argmax(1) == 1).sum() == 3
+    # nothing to top up: unchanged
+    same_val, same_syn = synthetic_validation(val, None, 2, 4)
+    assert same_val == (val[0], val[1]) and same_syn is None
+    assert synthetic_validation(val, (syn_texts, syn_targets), 2, 0)[1][0] == syn_texts
+
+
+def test_adopt_if_better_sees_the_label_the_silo_lacks(tiny_slm_dir):
+    """A silo without positives in validation keeps a model that finds positives once synthetic data arrives."""
+    cfg = SLMTrainConfig(lrs=(1e-3,), max_epochs=1, batch_size=8, min_val_per_label=4)
+    base = new_slm(str(tiny_slm_dir), ["neg", "pos"])
+    texts = ["bad"] * 8
+    syn = (["good"] * 8 + ["bad"] * 8, np.array([[0.0, 1.0]] * 8 + [[1.0, 0.0]] * 8))
+    _, info = adopt_if_better(base, base.clone(), (texts, [0] * 8), (["bad"] * 4, [0] * 4), cfg, synthetic=syn)
+    assert info["n_val"] == 8  # 4 real negatives + 4 held-out synthetic positives
+
+
+def test_class_weights_balance_labels_and_cap():
+    import torch
+
+    from crosslm_shared.slm import class_weights
+
+    y = torch.nn.functional.one_hot(torch.tensor([0] * 6 + [1] * 2), 2).float()
+    w = class_weights(y, SLMTrainConfig())
+    assert w[:6].sum() == pytest.approx(w[6:].sum())  # each label carries the same total weight
+    assert class_weights(y, SLMTrainConfig(class_weighting="none")).tolist() == [1.0] * 8
+    skewed = torch.nn.functional.one_hot(torch.tensor([0] * 99 + [1]), 2).float()
+    assert class_weights(skewed, SLMTrainConfig(max_class_weight=10.0)).max() == 10.0
