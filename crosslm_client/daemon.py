@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from crosslm_client import models
 from crosslm_client.config import SiloConfig
 from crosslm_client.data import Examples, load_examples, split
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
-from crosslm_shared.bundle import Manifest, make_manifest, validate_bundle_dir
+from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
 
 log = logging.getLogger(__name__)
@@ -118,18 +120,25 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     client.download(sub.submission_id, done.result, dest)
     report["download_seconds"] = round(time.monotonic() - t0, 3)
     validate_bundle_dir(dest, done.result)
-    enhanced = models.continue_training(config, models.load(config, dest), train, held)
-    temperature = models.calibrate(config, enhanced, held)
-    accuracy = enhanced.evaluate(*held)
-    report.update(outcome="ready", accuracy_enhanced=accuracy)
-    if accuracy > state.accuracy:
+    synthetic = None
+    if (dest / SYNTHETIC_FILE).exists():
+        texts, targets = read_synthetic(dest / SYNTHETIC_FILE, len(s.labels))
+        synthetic = (texts, np.asarray(targets).reshape(-1, len(s.labels)))
+        report["synthetic_examples"] = len(texts)
+    current = models.load(config, state.model_dir)
+    chosen, info = models.continue_and_choose(config, current, models.load(config, dest), train, held, synthetic)
+    adopted = bool(info["adopted"])
+    report.update(outcome="ready", selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
+                  kept="enhanced" if adopted else "previous")
+    if adopted:
+        temperature = models.calibrate(config, chosen, held) if config.silo.arch == "tiny" else chosen.temperature
+        accuracy = chosen.evaluate(*held)
+        report["accuracy_enhanced"] = accuracy
         folder = config.output_dir / "models" / f"round-{round_no:03d}"
-        _save(enhanced, folder)
+        _save(chosen, folder)
         state = SiloState(folder, accuracy, temperature)
-        report["kept"] = "enhanced"
-    else:
-        report["kept"] = "previous"
     report.update(accuracy_after=state.accuracy, seconds=round(time.monotonic() - started, 3))
-    log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s)", s.name, round_no,
-             report["accuracy_before"], accuracy, report["kept"])
+    log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s; selection %.4f vs %.4f)", s.name, round_no,
+             report["accuracy_before"], state.accuracy, report["kept"], info["val_acc_returned"],
+             info["val_acc_current"])
     return report, state

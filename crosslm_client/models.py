@@ -47,18 +47,28 @@ def _train_cfg(slm, config: SiloConfig, epochs: int):
     return slm.SLMTrainConfig(lrs=t.lrs, max_epochs=epochs, batch_size=t.batch_size, seed=config.silo.seed)
 
 
-def continue_training(config: SiloConfig, model: Any, train: Examples, held: Examples) -> Any:
-    """Fine-tune a returned SLM on the private data again (DESIGN.md §2 step 5)."""
+def continue_and_choose(config: SiloConfig, current: Any, returned: Any, train: Examples, held: Examples,
+                        synthetic: tuple[list[str], np.ndarray] | None = None) -> tuple[Any, dict]:
+    """DESIGN.md §2 step 5, the silo's side: continue the returned SLM on the private data (plus
+    the synthetic set that came back with it), then keep whichever of it and ``current`` is
+    better on the held-out split. The same selection as ``crosslm simulate``
+    (crosslm_shared.slm.adopt_if_better): balanced accuracy, labels the held-out split lacks
+    topped up from the synthetic set, ties to the newer model."""
     t = config.train
-    if t.continue_epochs == 0:
-        return model
     if config.silo.arch == "tiny":
-        model.train(*train, epochs=t.continue_epochs, lr=t.lrs[0], batch_size=t.batch_size)
-        return model
+        if t.continue_epochs:
+            returned.train(*train, epochs=t.continue_epochs, lr=t.lrs[0], batch_size=t.batch_size)
+        before, after = current.evaluate(*held), returned.evaluate(*held)
+        adopted = after >= before
+        return (returned if adopted else current), {"adopted": adopted, "val_acc_current": before,
+                                                    "val_acc_returned": after}
     slm = _slm_module()
-    model, _info = slm.train_selected(model, list(config.silo.labels), train, held,
-                                      _train_cfg(slm, config, t.continue_epochs), desc=f"{config.silo.name} SLM")
-    return model
+    if t.continue_epochs == 0:
+        before, after = current.evaluate(*held), returned.evaluate(*held)
+        return (returned if after >= before else current), {"adopted": after >= before, "val_acc_current": before,
+                                                            "val_acc_returned": after}
+    return slm.adopt_if_better(current, returned, train, held, _train_cfg(slm, config, t.continue_epochs),
+                               synthetic=synthetic, desc=f"{config.silo.name} SLM")
 
 
 def load(config: SiloConfig, folder: Path) -> Any:

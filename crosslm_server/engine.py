@@ -24,8 +24,10 @@ from crosslm_server.config import load_config
 from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
 from crosslm_server.generate import Generation
 from crosslm_server.llm import LLM, load_llm
+from crosslm_server.pool import SyntheticPool
 from crosslm_server.round import run_round
 from crosslm_shared.atomic import write_text_atomic
+from crosslm_shared.bundle import SYNTHETIC_FILE, write_synthetic
 from crosslm_shared.errors import ConfigError, PreconditionError
 from crosslm_shared.slm import load_slm
 from crosslm_shared.tasks import TaskSpec, load_task
@@ -39,13 +41,14 @@ class CrossLMEngine:
     - ``config``: a simulate-style TOML whose ``[llm]`` and ``[round.*]`` sections apply here;
     - ``tasks``: task names or TOML paths this server accepts (default the config's task);
     - ``adapters_dir``: where adapter versions live (default ``crosslm-data/adapters``);
+    - ``synthetic_dir``: the task's synthetic pool (default ``synthetic`` beside ``adapters_dir``);
     - ``set``: overrides like ``round.update.gamma_kl=0``;
     - ``background``: load the LLM in a thread (default true).
     """
 
     def __init__(self, *, config: str | None = None, tasks: list[str] | None = None,
                  adapters_dir: str = "crosslm-data/adapters", set: list[str] | None = None,  # noqa: A002
-                 background: bool = True, seed: int = 0):
+                 background: bool = True, seed: int = 0, synthetic_dir: str | None = None):
         self.cfg = load_config(config, list(set or []))
         names = tasks or [self.cfg.task]
         self.tasks: dict[str, TaskSpec] = {}
@@ -53,6 +56,7 @@ class CrossLMEngine:
             spec = load_task(name)
             self.tasks[spec.name] = spec
         self.adapters = AdapterStore(adapters_dir)
+        self.pool = SyntheticPool(synthetic_dir or Path(adapters_dir).parent / "synthetic")
         self.seed = seed
         self.llm: LLM | None = None
         self.error: str | None = None
@@ -81,6 +85,16 @@ class CrossLMEngine:
                 self.llm.load_adapter(current.path)
                 log.info("LLM adapter version %d loaded (%s)", current.version, current.path)
             self._version = version
+
+    def _attach_synthetic(self, out: Path, task: TaskSpec, submission_id: str, kept) -> None:
+        """Send the synthetic set back with the SLM: the task's pool (this round included) or this round's."""
+        if self.cfg.continue_on != "private+synthetic":
+            return
+        texts, targets = kept
+        if self.cfg.synthetic_pool:
+            self.pool.add(task.name, submission_id, texts, targets)
+            texts, targets = self.pool.get(task.name, task.num_labels)
+        write_synthetic(out / SYNTHETIC_FILE, texts, targets)
 
     def ready(self) -> bool:
         return self.llm is not None
@@ -125,6 +139,7 @@ class CrossLMEngine:
         res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit, generated=generated,
                         on_generated=lambda g: write_text_atomic(checkpoint, json.dumps(g.to_json())))
         out = res.enhanced.save(work / "enhanced")
+        self._attach_synthetic(out, task, request.submission_id, res.synthetic)
         metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
         if applied is None:

@@ -28,6 +28,7 @@ from crosslm_server.evaluate import general_corpus, on_label_rate, perplexity, z
 from crosslm_server.filter import select
 from crosslm_server.generate import generate
 from crosslm_server.llm import load_llm
+from crosslm_server.pool import SyntheticPool
 from crosslm_server.report import write_report
 from crosslm_server.reward import score
 from crosslm_server.round import run_round
@@ -147,8 +148,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
         report["timing"]["zerogen_s"] = time.perf_counter() - t
 
     latest = dict(local)
-    pool_texts: list[str] = []
-    pool_targets: list[np.ndarray] = []
+    pool = SyntheticPool()
     t = time.perf_counter()
     for r in range(1, cfg.rounds + 1):
         round_rec = {"round": r, "silos": {}}
@@ -158,9 +158,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
                             seed=cfg.seed * 1000 + r * 100 + j)
             synthetic = res.synthetic
             if cfg.synthetic_pool:
-                pool_texts += res.synthetic[0]
-                pool_targets.append(res.synthetic[1])
-                synthetic = (list(pool_texts), np.concatenate(pool_targets))
+                pool.add(task.name, f"r{r}-{silo.name}", *res.synthetic)
+                synthetic = pool.get(task.name, task.num_labels)
             chosen, info = adopt_if_better(latest[silo.name], res.enhanced, _pair(silo.train), _pair(silo.val),
                                            slm_cfg, synthetic=synthetic if cfg.continue_on == "private+synthetic"
                                            else None, desc=f"{silo.name} r{r}")

@@ -156,7 +156,7 @@ class Worker:
         if meta.exists():
             temperature = float(json.loads(meta.read_text()).get("temperature", temperature))
         manifest = make_manifest(slm_dir, task=sent.task, silo=sent.silo, arch=sent.arch, labels=sent.labels,
-                                 temperature=temperature, heldout_accuracy=0.0)
+                                 temperature=temperature, heldout_accuracy=0.0, result=True)
         validate_bundle_dir(slm_dir, manifest)
         final = svc.result_dir(sub.submission_id)
         tmp = final.with_name(final.name + ".tmp")

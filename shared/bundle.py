@@ -22,6 +22,12 @@ ALLOWED_FILES = REQUIRED_FILES | frozenset({
     "crosslm.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
 })
+# files only a result carries: the synthetic set the silo continues on (texts the LLM wrote,
+# never a silo's data). An upload naming one is refused: a silo sends weights, nothing else.
+SYNTHETIC_FILE = "synthetic.jsonl"
+RESULT_FILES = frozenset({SYNTHETIC_FILE})
+MAX_SYNTHETIC_BYTES = 32 * 1024 * 1024
+MAX_SYNTHETIC_TEXT = 4000
 ALLOWED_MODEL_TYPES = frozenset({"bert", "mpnet"})
 ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL"})
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
@@ -63,11 +69,13 @@ class Manifest:
         return sum(f.size for f in self.files)
 
 
-def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
+def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+                      result: bool = False) -> None:
     """Raise BundleError (or ResourceExhaustedError for size caps) unless the manifest is sound.
 
     Contract: a manifest that passes names only allow-listed, distinct files, includes every
     required file, has well-formed hashes, fits the size cap, and names distinct labels.
+    ``result`` manifests (server to silo) may also carry the synthetic set.
     """
     for key in ("task", "silo", "arch"):
         value = getattr(manifest, key)
@@ -83,7 +91,10 @@ def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX
     if len(set(names)) != len(names):
         raise BundleError(f"manifest lists a file twice: {names}")
     for entry in manifest.files:
-        if entry.name not in ALLOWED_FILES:
+        if entry.name in RESULT_FILES and not result:
+            raise BundleError(f"file {entry.name!r} travels only from the server to a silo; "
+                              "an upload carries the SLM's weights, config and tokenizer")
+        if entry.name not in ALLOWED_FILES | RESULT_FILES:
             raise BundleError(f"file {entry.name!r} is not allowed in a bundle; allowed: "
                               f"{sorted(ALLOWED_FILES)} (no pickled *.bin / *.pt weights)")
         if not SHA256_RE.match(entry.sha256):
@@ -112,6 +123,38 @@ def validate_bundle_dir(folder: Path, manifest: Manifest) -> None:
             raise BundleError(f"bundle file {entry.name!r} is missing or not {entry.size} bytes")
     _check_config(folder / "config.json", manifest.labels)
     _check_safetensors(folder / "model.safetensors")
+    if any(entry.name == SYNTHETIC_FILE for entry in manifest.files):
+        read_synthetic(folder / SYNTHETIC_FILE, len(manifest.labels))
+
+
+def write_synthetic(path: Path, texts, targets) -> Path:
+    """One JSON object per line: {"text": ..., "target": [p_0, ..., p_K-1]}."""
+    with path.open("w", encoding="utf-8") as fh:
+        for text, target in zip(texts, targets):
+            fh.write(json.dumps({"text": text, "target": [float(x) for x in target]}) + "\n")
+    return path
+
+
+def read_synthetic(path: Path, k: int) -> tuple[list[str], list[list[float]]]:
+    """Read and check a synthetic set: bounded size, string texts, K non-negative targets summing to 1."""
+    if path.stat().st_size > MAX_SYNTHETIC_BYTES:
+        raise BundleError(f"{SYNTHETIC_FILE} is larger than {MAX_SYNTHETIC_BYTES} bytes")
+    texts, targets = [], []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+                text, target = row["text"], [float(x) for x in row["target"]]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise BundleError(f"{SYNTHETIC_FILE} line {n}: want {{\"text\": str, \"target\": [float]}}: {e}") from e
+            if not isinstance(text, str) or len(text) > MAX_SYNTHETIC_TEXT:
+                raise BundleError(f"{SYNTHETIC_FILE} line {n}: text must be a string of at most "
+                                  f"{MAX_SYNTHETIC_TEXT} characters")
+            if len(target) != k or min(target) < 0 or abs(sum(target) - 1) > 1e-3:
+                raise BundleError(f"{SYNTHETIC_FILE} line {n}: target must be {k} non-negative numbers summing to 1")
+            texts.append(text)
+            targets.append(target)
+    return texts, targets
 
 
 def _check_config(path: Path, labels: tuple[str, ...]) -> None:
@@ -176,12 +219,14 @@ def sha256_file(path: Path) -> str:
 
 
 def make_manifest(folder: Path, *, task: str, silo: str, arch: str, labels: tuple[str, ...] | list[str],
-                  temperature: float = 1.0, heldout_accuracy: float = 0.0) -> Manifest:
-    """Describe the allow-listed files of a save_pretrained folder; other files are left out."""
+                  temperature: float = 1.0, heldout_accuracy: float = 0.0, result: bool = False) -> Manifest:
+    """Describe the allow-listed files of a save_pretrained folder; other files are left out
+    (the synthetic set too, unless this is a ``result`` going back to a silo)."""
+    allowed = ALLOWED_FILES | RESULT_FILES if result else ALLOWED_FILES
     files = tuple(FileEntry(p.name, p.stat().st_size, sha256_file(p))
-                  for p in sorted(folder.iterdir()) if p.is_file() and p.name in ALLOWED_FILES)
+                  for p in sorted(folder.iterdir()) if p.is_file() and p.name in allowed)
     manifest = Manifest(task=task, silo=silo, arch=arch, labels=tuple(labels),
                         temperature=float(temperature), heldout_accuracy=float(heldout_accuracy),
                         files=files)
-    validate_manifest(manifest, max_bundle_bytes=2**63)
+    validate_manifest(manifest, max_bundle_bytes=2**63, result=result)
     return manifest

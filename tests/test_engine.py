@@ -36,6 +36,13 @@ def test_round_returns_enhanced_slm_and_saves_one_adapter_version(tmp_path, engi
     again = engine.run_round(rerun, lambda *_: None)
     assert "adapter_version" not in again.metrics
     assert [v.version for v in engine.adapters.versions()] == [1]
+    # the synthetic pool comes back with the SLM; the rerun did not add its examples twice
+    from crosslm_shared.bundle import SYNTHETIC_FILE, read_synthetic
+
+    first, _ = read_synthetic(out.slm_dir / SYNTHETIC_FILE, task.num_labels)
+    rerun_texts, _ = read_synthetic(again.slm_dir / SYNTHETIC_FILE, task.num_labels)
+    assert first == rerun_texts
+    assert len(first) == out.metrics["kept"]
 
 
 def test_unknown_task_and_mismatched_labels_are_refused(tmp_path, engine_setup, tiny_slm_dir):

@@ -36,4 +36,7 @@ def test_real_round_over_the_wire(crosslm_server, tmp_path, tiny_slm_dir):
         done = client.get_submission(sub.submission_id)
         back = client.download(sub.submission_id, done.result, tmp_path / "back")
     assert load_slm(back).labels == task.label_names
+    from crosslm_shared.bundle import SYNTHETIC_FILE
+
+    assert (back / SYNTHETIC_FILE).exists()  # the synthetic set travels back, in the result manifest only
     assert (tmp_path / "adapters" / "v00001" / "adapter_model.safetensors").exists()
