@@ -1,8 +1,9 @@
-"""`crosslm`: the engine's command line (simulate, study, certs)."""
+"""`crosslm`: the engine's command line (simulate, study, results, certs)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -66,6 +67,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from crosslm_server.study import merge_results
+
+    results = merge_results([Path(d) for d in args.studies], Path(args.out))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from crosslm_shared.certs import make_certs
 
@@ -102,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated arms (default: all: crosslm and every ablation); the baselines always run")
     st.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for every arm")
     st.set_defaults(func=cmd_study)
+    rs = sub.add_parser("results", help="merge finished studies' headline figures into one JSON per task")
+    rs.add_argument("studies", nargs="+", help="study folders (each holds study.json)")
+    rs.add_argument("--out", default="docs/results.json", help="JSON to update (default: %(default)s)")
+    rs.set_defaults(func=cmd_results)
     ce = sub.add_parser("certs", help="make a CA, a server certificate and one client certificate per silo (mTLS)")
     ce.add_argument("--out", default="runs/certs", help="output folder (default: %(default)s)")
     ce.add_argument("--server-host", action="append", metavar="NAME",

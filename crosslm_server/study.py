@@ -52,6 +52,8 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
             log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
             simulate(cfg, run_dir, cache_dir=out / "cache")
     summary = summarise(out, seeds=seeds, arms=arms)
+    summary["task"] = load_config(config, list(overrides)).task
+    summary["headline"] = headline(summary)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(render(summary))
     try:
@@ -115,6 +117,36 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
         if llm[arm]:
             summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm]]) for k in llm[arm][0]}
     return summary
+
+
+def headline(summary: dict) -> dict:
+    """The figures docs/results.json keeps per task: CrossLM's SLM gains (points, paired 95 %
+    intervals) and the LLM before and after (fractions; perplexity as is), means over seeds."""
+    done = summary["arms"].get("crosslm", {}).get("n", 0)
+    out: dict = {"seeds": done}
+    for name, other in (("slm_gain_vs_silo_only", "silo_only"), ("slm_gain_vs_zerogen", "zerogen")):
+        c = summary["comparisons"].get(f"crosslm_vs_{other}")
+        if c:
+            out[name] = {k: c[k] for k in ("mean", "ci_low", "ci_high")}
+    llm = summary["llm"].get("crosslm", {})
+    for key, name in (("acc_before", "llm_acc_before"), ("acc_after", "llm_acc_after"),
+                      ("on_label_before", "on_label_before"), ("on_label_after", "on_label_after"),
+                      ("ppl_before", "ppl_before"), ("ppl_after", "ppl_after")):
+        if key in llm:
+            out[name] = llm[key]["mean"]
+    return out
+
+
+def merge_results(study_dirs: list[Path], out: Path) -> dict:
+    """``docs/results.json``: each study's headline under its task (later studies of a task win)."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault("tasks", {})
+    for d in study_dirs:
+        summary = json.loads((d / "study.json").read_text())
+        results["tasks"][summary["task"]] = {**summary["headline"], "study": str(d)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def render(summary: dict) -> str:

@@ -39,3 +39,12 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     report_0.unlink()
     assert main(args) == 0
     assert report.stat().st_mtime_ns == stamp and report_0.exists()
+    # the headline figures docs/results.json keeps, merged per task
+    head = json.loads((out / "study.json").read_text())["headline"]
+    assert head["seeds"] == 2 and set(head["slm_gain_vs_silo_only"]) == {"mean", "ci_low", "ci_high"}
+    assert 0 <= head["llm_acc_after"] <= 1 and head["ppl_before"] > 0
+    results = tmp_path / "results.json"
+    assert main(["results", str(out), "--out", str(results)]) == 0
+    merged = json.loads(results.read_text())["tasks"]
+    assert list(merged) == [json.loads((out / "study.json").read_text())["task"]]
+    assert merged[list(merged)[0]]["slm_gain_vs_zerogen"] == head["slm_gain_vs_zerogen"]
