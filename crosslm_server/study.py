@@ -93,8 +93,11 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             n_rounds = len(next(iter(rep["silos"].values()))["acc_after"])
             curves[arm].append([float(np.mean([s["acc_local"] for s in rep["silos"].values()]))] +
                                [float(np.mean([s["acc_after"][r] for s in rep["silos"].values()])) for r in range(n_rounds)])
-            llm[arm].append({k: rep["llm"][k] for k in ("acc_before", "acc_after", "on_label_before", "on_label_after",
-                                                           "ppl_before", "ppl_after")})
+            llm[arm].append({**{k: rep["llm"][k] for k in ("acc_before", "acc_after", "on_label_before",
+                                                             "on_label_after", "ppl_before", "ppl_after")},
+                             **{f"kl_round_{i + 1}": rnd["kl"] for i, rnd in enumerate(rep["rounds"])},
+                             **{f"pred_rate_before_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_before"])},
+                             **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
     summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {}}
     for arm, accs in per_arm.items():
         by_seed = {}
@@ -117,6 +120,11 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
         if llm[arm]:
             summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm]]) for k in llm[arm][0]}
     return summary
+
+
+def _rates(rates) -> list[tuple[str, float]]:
+    """Predicted-label rates as (label, rate) pairs, whether stored as a dict or a list."""
+    return list(rates.items()) if isinstance(rates, dict) else [(str(i), r) for i, r in enumerate(rates)]
 
 
 def headline(summary: dict) -> dict:
@@ -165,4 +173,10 @@ def render(summary: dict) -> str:
         lines.append(f"| {arm} | {100 * m['acc_before']['mean']:.1f} | {100 * m['acc_after']['mean']:.1f} ± "
                      f"{100 * m['acc_after']['std']:.1f} | {100 * m['on_label_before']['mean']:.1f} | "
                      f"{100 * m['on_label_after']['mean']:.1f} | {m['ppl_before']['mean']:.2f} | {m['ppl_after']['mean']:.2f} |")
+    lines += ["", "Predicted-label rates of the LLM's zero-shot answers and KL to the base per round (means over seeds):", ""]
+    for arm, m in summary["llm"].items():
+        rates = lambda when: ", ".join(f"{k.split('_', 3)[-1]} {100 * v['mean']:.0f} %"  # noqa: E731
+                                       for k, v in m.items() if k.startswith(f"pred_rate_{when}_"))
+        kls = ", ".join(f"{v['mean']:.4f}" for k, v in m.items() if k.startswith("kl_round_"))
+        lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}; KL per round {kls}")
     return "\n".join(lines) + "\n"
