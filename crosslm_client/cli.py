@@ -1,14 +1,17 @@
 """`crosslm-client`: the silo daemon.
 
 Exit codes: 0 all rounds ran, 2 bad config or data, 3 authentication / permission refused,
-4 the server could not be reached or refused a request, 5 a model package is missing.
+4 the server could not be reached or refused a request, 5 a model package is missing,
+130 stopped by SIGINT (Ctrl-C) or SIGTERM.
 `check`: 0 when every check is OK, 1 when any failed.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from crosslm_client.config import load_silo_config
@@ -31,13 +34,29 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check certificate, key, CA, server address and data file; say what to fix")
     c.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
     c.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
-    d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files from a task's offline dataset")
+    d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files and the public test files "
+                                            "from a task's offline dataset")
     d.add_argument("--task", default="rotten_tomatoes", help="built-in task name or task TOML (default: rotten_tomatoes)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for silo-a.csv ... (default: runs/demo)")
+    d.add_argument("--public-out", type=Path, default=None,
+                   help="folder for the public test files silo-a-test.csv ... and llm-test.csv (default: OUT/public)")
     d.add_argument("--silos", type=int, default=4, help="number of silos (default: 4)")
     d.add_argument("--n-private", type=int, default=128, help="private examples per silo (default: 128)")
+    d.add_argument("--n-test", type=int, default=300, help="test examples per silo, reporting only; 0 = none (default: 300)")
+    d.add_argument("--n-llm-test", type=int, default=400, help="the LLM's zero-shot test set; 0 = none (default: 400)")
+    d.add_argument("--n-judge", type=int, default=1000,
+                   help="examples set aside for an independent judge, written nowhere; kept so the cut equals "
+                        "`crosslm simulate`'s (default: 1000)")
+    d.add_argument("--partition", choices=["dirichlet", "iid"], default="dirichlet",
+                   help="label-skewed (dirichlet) or iid private shares (default: dirichlet)")
+    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; smaller = more skew (default: 0.5)")
     d.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     return p
+
+
+def _stop(signum, frame):
+    """SIGTERM ends the daemon like Ctrl-C: open streams close, files already written stay whole."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_demo(args)
     if args.command == "check":
         return _check(args)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
         config = load_silo_config(args.config, overrides={"server": {"address": args.server},
                                                           "rounds": {"count": args.rounds}})
         reports = run(config)
+    except KeyboardInterrupt:
+        log.warning("stopped; a restart resumes the current round's upload")
+        return 130
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         return 2
@@ -63,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except CrossLMError as e:
         log.error("%s", e)
         return 4
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     log.info("done: %d round(s); reports in %s", len(reports), config.output_dir / "reports")
     return 0
 
@@ -80,9 +107,13 @@ def _check(args) -> int:
 
 def _prepare_demo(args) -> int:
     from crosslm_client.demo import prepare_demo
+    from crosslm_shared.data import SplitConfig
 
     try:
-        paths = prepare_demo(args.task, args.out, silos=args.silos, n_private=args.n_private, seed=args.seed)
+        split = SplitConfig(n_silos=args.silos, n_private=args.n_private, n_test=args.n_test,
+                            n_llm_test=args.n_llm_test, n_judge=args.n_judge, partition=args.partition,
+                            alpha=args.alpha)
+        paths = prepare_demo(args.task, args.out, split=split, seed=args.seed, public_out=args.public_out)
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         return 2

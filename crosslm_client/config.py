@@ -30,6 +30,7 @@ class SiloSection:
     heldout_fraction: float = 0.25       # share of the data kept aside for evaluation, never trained on
     seed: int = 0                        # seed of the split and of training
     arch: Arch = "minilm"                # SLM architecture: minilm, mpnet4, or tiny (tests)
+    test_data: Path | None = None        # public test examples (same format) for the reports only: never trained on or selected with
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -122,7 +123,7 @@ def load_silo_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None 
         extra = sorted(set(values) - {f.name for f in fields(cls)})
         if extra:
             raise ConfigError(f"[{name}] has unknown key(s) {extra}; known: {sorted(f.name for f in fields(cls))}")
-        paths = {"silo": ("data",), "server": ("ca", "cert", "key")}.get(name, ())
+        paths = {"silo": ("data", "test_data"), "server": ("ca", "cert", "key")}.get(name, ())
         for key in paths:
             if values.get(key) is not None:
                 values[key] = (base / values[key]).resolve()

@@ -1,15 +1,21 @@
 """The silo daemon (DESIGN.md §5): train, bundle, upload, watch, download, evaluate, keep the better.
 
 Only the SLM's weights, config and tokenizer files leave the silo (the bundle allow-list);
-the private texts never do. One JSON report per round goes to <output_dir>/reports/.
+the private texts never do. One JSON report per round goes to <output_dir>/reports/, and
+<output_dir>/status.json always says what the daemon is doing now (phase, round, the server's
+latest event), for operators and `crosslm demo`. With `[silo] test_data`, the kept model's
+accuracy on those public test examples is reported before and after each round; they are
+never trained on and never used to choose a model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from crosslm_client import models
 from crosslm_client.config import SiloConfig
 from crosslm_client.data import Examples, load_examples, split
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
+from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
 
@@ -31,6 +38,18 @@ class SiloState:
     model_dir: Path
     accuracy: float
     temperature: float
+    test_accuracy: float | None = None  # on [silo] test_data, when given
+
+
+class Status:
+    """``<output_dir>/status.json``, rewritten atomically at every change of phase or server event."""
+
+    def __init__(self, path: Path, *, silo: str, rounds: int):
+        self.path, self.base = path, {"silo": silo, "rounds": rounds, "pid": os.getpid()}
+
+    def __call__(self, phase: str, round_no: int, **detail: Any) -> None:
+        state = {**self.base, "phase": phase, "round": round_no, "time": time.time(), **detail}
+        write_text_atomic(self.path, json.dumps(state, default=str))
 
 
 def upload_id_for(silo: str, round_no: int, manifest: Manifest) -> str:
@@ -52,32 +71,52 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     s = config.silo
     out = config.output_dir
     (out / "reports").mkdir(parents=True, exist_ok=True)
+    status = Status(out / "status.json", silo=s.name, rounds=config.rounds.count)
+    status("loading data", 0)
     examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    test = (load_examples(s.test_data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+            if s.test_data else None)
     train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
     reports = []
     with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
-        state = _initial_model(config, train, held)
+        status("training", 0, arch=s.arch, examples=len(train[0]))
+        state = _initial_model(config, train, held, test)
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
-            report, state = run_round(config, client, state, round_no, train, held)
+            report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
+            report |= {"arch": s.arch, "n_train": len(train[0]), "n_heldout": len(held[0]),
+                       "label_counts": _label_counts(s.labels, examples[1])}
             (out / "reports" / f"round-{round_no:03d}.json").write_text(json.dumps(report, indent=2))
             reports.append(report)
+            status("round done", round_no, outcome=report["outcome"], kept=report["kept"],
+                   test_accuracy=report.get("test_accuracy_after"))
             round_no += 1
             if config.rounds.count == 0 or round_no <= config.rounds.count:
                 time.sleep(config.rounds.interval_s)
+    status("done", round_no - 1)
     return reports
 
 
-def _initial_model(config: SiloConfig, train: Examples, held: Examples) -> SiloState:
+def _label_counts(labels, ys) -> dict[str, int]:
+    counts = Counter(ys)
+    return {name: counts[i] for i, name in enumerate(labels)}
+
+
+def _initial_model(config: SiloConfig, train: Examples, held: Examples, test: Examples | None) -> SiloState:
     folder = config.output_dir / "models" / "round-000"
     model = models.train_new(config, train, held, work_dir=config.output_dir / "work")
     temperature = models.calibrate(config, model, held)
     accuracy = model.evaluate(*held)
+    test_accuracy = model.evaluate(*test) if test else None
     _save(model, folder)
-    log.info("silo %s: trained %s SLM, held-out accuracy %.4f, temperature %.3f",
-             config.silo.name, config.silo.arch, accuracy, temperature)
-    return SiloState(folder, accuracy, temperature)
+    log.info("silo %s: trained %s SLM, held-out accuracy %.4f, temperature %.3f%s", config.silo.name,
+             config.silo.arch, accuracy, temperature, _test_note(test_accuracy, test))
+    return SiloState(folder, accuracy, temperature, test_accuracy)
+
+
+def _test_note(accuracy: float | None, test: Examples | None) -> str:
+    return "" if accuracy is None else f", test accuracy {accuracy:.4f} on {len(test[0])} public examples"
 
 
 def _save(model: Any, folder: Path) -> None:
@@ -88,8 +127,13 @@ def _save(model: Any, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def _quiet(phase: str, round_no: int, **detail: Any) -> None:
+    pass
+
+
 def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round_no: int,
-              train: Examples, held: Examples) -> tuple[dict[str, Any], SiloState]:
+              train: Examples, held: Examples, *, test: Examples | None = None,
+              status=_quiet) -> tuple[dict[str, Any], SiloState]:
     s = config.silo
     started = time.monotonic()
     manifest = make_manifest(state.model_dir, task=s.task, silo=s.name, arch=s.arch, labels=s.labels,
@@ -97,25 +141,33 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     upload_id = upload_id_for(s.name, round_no, manifest)
     report: dict[str, Any] = {"round": round_no, "silo": s.name, "task": s.task, "upload_id": upload_id,
                               "accuracy_before": state.accuracy, "bundle_bytes": manifest.total_size}
+    if state.test_accuracy is not None:
+        report.update(test_accuracy_before=state.test_accuracy, test_examples=len(test[0]))
+    status("uploading", round_no, bytes=manifest.total_size)
     t0 = time.monotonic()
     client.upload(state.model_dir, manifest, upload_id)
     report["upload_seconds"] = round(time.monotonic() - t0, 3)
     sub = client.submit(upload_id)
     report["submission_id"] = sub.submission_id
     log.info("silo %s: round %d submitted as %s", s.name, round_no, sub.submission_id)
+    status("submitted", round_no, submission=sub.submission_id)
     events = []
     for event in client.watch(sub.submission_id):
         events.append({"seq": event.seq, "kind": event.kind, **event.fields})
         log.info("silo %s: submission %s: %s %s", s.name, sub.submission_id, event.kind, dict(event.fields))
+        status("server", round_no, submission=sub.submission_id, event=event.kind, fields=dict(event.fields))
     report["events"] = events
     done = client.get_submission(sub.submission_id)
     report["server_metrics"] = dict(done.metrics)
     if done.stage != "ready" or done.result is None:
         report.update(outcome="failed", error=done.error, kept="previous", accuracy_after=state.accuracy,
                       seconds=round(time.monotonic() - started, 3))
+        if state.test_accuracy is not None:
+            report["test_accuracy_after"] = state.test_accuracy
         log.warning("silo %s: round %d failed on the server: %s", s.name, round_no, done.error)
         return report, state
     dest = config.output_dir / "downloads" / sub.submission_id
+    status("downloading", round_no, bytes=done.result.total_size)
     t0 = time.monotonic()
     client.download(sub.submission_id, done.result, dest)
     report["download_seconds"] = round(time.monotonic() - t0, 3)
@@ -125,20 +177,24 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
         texts, targets = read_synthetic(dest / SYNTHETIC_FILE, len(s.labels))
         synthetic = (texts, np.asarray(targets).reshape(-1, len(s.labels)))
         report["synthetic_examples"] = len(texts)
+    status("continuing", round_no, epochs=config.train.continue_epochs, synthetic=len(synthetic[0]) if synthetic else 0)
     current = models.load(config, state.model_dir)
     chosen, info = models.continue_and_choose(config, current, models.load(config, dest), train, held, synthetic)
     adopted = bool(info["adopted"])
     report.update(outcome="ready", selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
                   kept="enhanced" if adopted else "previous")
     if adopted:
+        status("evaluating", round_no)
         temperature = models.calibrate(config, chosen, held) if config.silo.arch == "tiny" else chosen.temperature
         accuracy = chosen.evaluate(*held)
         report["accuracy_enhanced"] = accuracy
         folder = config.output_dir / "models" / f"round-{round_no:03d}"
         _save(chosen, folder)
-        state = SiloState(folder, accuracy, temperature)
+        state = SiloState(folder, accuracy, temperature, chosen.evaluate(*test) if test else None)
     report.update(accuracy_after=state.accuracy, seconds=round(time.monotonic() - started, 3))
-    log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s; selection %.4f vs %.4f)", s.name, round_no,
+    if state.test_accuracy is not None:
+        report["test_accuracy_after"] = state.test_accuracy
+    log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s; selection %.4f vs %.4f)%s", s.name, round_no,
              report["accuracy_before"], state.accuracy, report["kept"], info["val_acc_returned"],
-             info["val_acc_current"])
+             info["val_acc_current"], _test_note(state.test_accuracy, test))
     return report, state

@@ -49,6 +49,29 @@ def test_daemon_runs_rounds_and_no_private_text_leaves(tmp_path):
 
 
 @pytest.mark.e2e
+def test_daemon_reports_public_test_accuracy_and_its_status(tmp_path):
+    """With [silo] test_data: the kept model's accuracy on it before and after each round; status.json."""
+    server = start_server(server_config(tmp_path / "server"))
+    try:
+        cfg = write_silo(tmp_path, server, "silo-t", rounds=2)
+        test = tmp_path / "public-test.csv"
+        test.write_text("text,label\n" + "".join(f"{p},pos\n{n},neg\n" for p, n in zip(POS, NEG)))
+        cfg.write_text(cfg.read_text().replace("seed = 1\n", f'seed = 1\ntest_data = "{test.name}"\n'))
+        assert main(["run", "--config", str(cfg)]) == 0
+        first, second = (json.loads(p.read_text()) for p in
+                         sorted((tmp_path / "silo-t-out" / "reports").glob("round-*.json")))
+        assert first["test_examples"] == 12 and first["arch"] == "tiny" and first["n_train"] + first["n_heldout"] == 32
+        assert first["label_counts"] == {"neg": 16, "pos": 16}
+        assert 0 <= first["test_accuracy_before"] <= 1 and second["test_accuracy_before"] == first["test_accuracy_after"]
+        if second["kept"] == "previous":
+            assert second["test_accuracy_after"] == second["test_accuracy_before"]
+        status = json.loads((tmp_path / "silo-t-out" / "status.json").read_text())
+        assert (status["phase"], status["round"], status["rounds"], status["silo"]) == ("done", 2, 2, "silo-t")
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.mark.e2e
 def test_daemon_exit_codes(tmp_path):
     server = start_server(server_config(tmp_path / "server"))
     try:

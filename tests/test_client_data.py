@@ -66,11 +66,37 @@ def test_prepare_demo_writes_one_private_file_per_silo(tmp_path):
                     '[[labels]]\nname = "neg"\n[[labels]]\nname = "pos"\n'
                     '[generation]\ntemplates = ["x {description}"]\n[classification]\ntemplate = "{text}"\n')
     assert main(["prepare-demo", "--task", str(spec), "--out", str(tmp_path / "demo"), "--silos", "2",
-                 "--n-private", "20"]) == 0
+                 "--n-private", "20", "--n-test", "15", "--n-llm-test", "30", "--n-judge", "40"]) == 0
     files = sorted((tmp_path / "demo").glob("silo-*.csv"))
     assert [f.name for f in files] == ["silo-a.csv", "silo-b.csv"]
     a, b = (load_examples(f, labels=LABELS) for f in files)
     assert len(a[0]) == len(b[0]) == 20 and not set(a[0]) & set(b[0])
+    # the public test files: per-silo test sets and the LLM's, disjoint from every private share
+    public = tmp_path / "demo" / "public"
+    assert sorted(f.name for f in public.iterdir()) == ["llm-test.csv", "silo-a-test.csv", "silo-b-test.csv"]
+    tests = [load_examples(public / name, labels=LABELS)[0] for name in ("silo-a-test.csv", "silo-b-test.csv")]
+    llm = load_examples(public / "llm-test.csv", labels=LABELS)[0]
+    assert [len(t) for t in tests] == [15, 15] and len(llm) == 30
+    private = set(a[0]) | set(b[0])
+    assert not private & (set(tests[0]) | set(tests[1]) | set(llm)) and not set(llm) & set(tests[0])
+
+
+def test_prepare_demo_cuts_the_pool_like_simulate(tmp_path, toy_task_path):
+    """Same split config and seed: the demo's silos hold exactly simulate's silos' private data."""
+    from crosslm_client.demo import prepare_demo
+    from crosslm_shared.data import SplitConfig, load_examples as pool, split_task
+    from crosslm_shared.tasks import load_task
+
+    cfg = SplitConfig(n_silos=3, n_private=24, n_test=10, n_llm_test=12, n_judge=20, min_per_label=1)
+    prepare_demo(toy_task_path, tmp_path / "d", split=cfg, seed=5, public_out=tmp_path / "pub")
+    task = load_task(toy_task_path)
+    split = split_task(pool(task), task.num_labels, cfg, seed=5)
+    for letter, silo in zip("abc", split.silos):
+        texts, ys = load_examples(tmp_path / "d" / f"silo-{letter}.csv", labels=task.label_names)
+        assert (texts, ys) == (list((silo.train + silo.val).texts), list((silo.train + silo.val).labels))
+        assert load_examples(tmp_path / "pub" / f"silo-{letter}-test.csv", labels=task.label_names)[0] == \
+            list(silo.test.texts)
+    assert load_examples(tmp_path / "pub" / "llm-test.csv", labels=task.label_names)[0] == list(split.llm_test.texts)
 
 
 def test_example_configs_load():
