@@ -8,6 +8,11 @@ It loads the LLM once (in a background thread, so the server answers health chec
 loads), restores the current adapter version, and for each request runs
 :func:`crosslm_server.round.run_round` with the submitter's SLM and the latest SLM of every silo
 on the task, saves the enhanced SLM for the worker to bundle and a new adapter version.
+
+With ``eval_data`` it also measures the LLM itself (DESIGN.md §2, evaluation): raw zero-shot
+accuracy with the rate of each predicted label on that test set, and perplexity on the general
+corpus, once at load (``llm_base_*`` in every round's metrics) and after every ``eval_every``-th
+adapter version (``llm_*`` in that round's metrics).
 """
 
 from __future__ import annotations
@@ -15,39 +20,56 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from crosslm_server.adapters import AdapterStore
 from crosslm_server.config import load_config
 from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
+from crosslm_server.evaluate import general_corpus, perplexity, zero_shot
 from crosslm_server.generate import Generation
 from crosslm_server.llm import LLM, load_llm
 from crosslm_server.pool import SyntheticPool
 from crosslm_server.round import run_round
 from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, write_synthetic
+from crosslm_shared.data import load_examples
 from crosslm_shared.errors import ConfigError, PreconditionError
 from crosslm_shared.slm import load_slm
-from crosslm_shared.tasks import TaskSpec, load_task
+from crosslm_shared.tasks import DataSource, TaskSpec, load_task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What the LLM is measured on: a task's zero-shot test texts and the general corpus."""
+
+    task: TaskSpec
+    texts: list[str]
+    labels: list[int]
+    docs: list[str]
 
 
 class CrossLMEngine:
     """Options (``[engine.options]`` in the server TOML):
 
-    - ``config``: a simulate-style TOML whose ``[llm]`` and ``[round.*]`` sections apply here;
+    - ``config``: a simulate-style TOML whose ``[llm]``, ``[round.*]`` and ``[eval]`` sections apply here;
     - ``tasks``: task names or TOML paths this server accepts (default the config's task);
     - ``adapters_dir``: where adapter versions live (default ``crosslm-data/adapters``);
     - ``synthetic_dir``: the task's synthetic pool (default ``synthetic`` beside ``adapters_dir``);
     - ``set``: overrides like ``round.update.gamma_kl=0``;
+    - ``eval_data``: a CSV or JSONL (``text``, ``label`` columns, label names) of the first task's
+      examples that no silo holds: the LLM's zero-shot test set (default none: no LLM figures);
+    - ``eval_texts``: use only its first N texts (default 0: all);
+    - ``eval_every``: measure the LLM after every N-th adapter version (default 1);
     - ``background``: load the LLM in a thread (default true).
     """
 
     def __init__(self, *, config: str | None = None, tasks: list[str] | None = None,
                  adapters_dir: str = "crosslm-data/adapters", set: list[str] | None = None,  # noqa: A002
+                 eval_data: str | None = None, eval_texts: int = 0, eval_every: int = 1,
                  background: bool = True, seed: int = 0, synthetic_dir: str | None = None):
         self.cfg = load_config(config, list(set or []))
         names = tasks or [self.cfg.task]
@@ -55,6 +77,11 @@ class CrossLMEngine:
         for name in names:
             spec = load_task(name)
             self.tasks[spec.name] = spec
+        if eval_every < 1:
+            raise ConfigError(f"engine option eval_every = {eval_every}; must be >= 1")
+        self.eval_every = eval_every
+        self.eval_set = self._eval_set(Path(eval_data), eval_texts) if eval_data else None
+        self.baseline: dict[str, Any] = {}  # the LLM's figures at load
         self.adapters = AdapterStore(adapters_dir)
         self.pool = SyntheticPool(synthetic_dir or Path(adapters_dir).parent / "synthetic")
         self.seed = seed
@@ -62,19 +89,44 @@ class CrossLMEngine:
         self.error: str | None = None
         self._version = 0  # the adapter version held in memory (0 = none, fresh LoRA)
         self._lock = threading.Lock()
+        self._ready = threading.Event()
         if background:
             threading.Thread(target=self._load, name="crosslm-llm-load", daemon=True).start()
         else:
             self._load()
+
+    def _eval_set(self, path: Path, limit: int) -> EvalSet:
+        if not path.is_file():
+            raise ConfigError(f"engine option eval_data = {str(path)!r} does not exist; write it with "
+                              "`crosslm-client prepare-demo` (public/llm-test.csv) or give a CSV / JSONL with "
+                              "text and label columns that no silo holds")
+        task = next(iter(self.tasks.values()))
+        fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+        examples = load_examples(replace(task, data=DataSource(format=fmt, path=str(path))))
+        if limit > 0:
+            examples = examples.subset(range(min(limit, len(examples))))
+        return EvalSet(task, list(examples.texts), list(examples.labels), general_corpus(self.cfg.eval.n_ppl_docs))
 
     def _load(self) -> None:
         try:
             llm = load_llm(self.cfg.llm)
             self.llm = llm
             self._sync_adapter()
+            if self.eval_set is not None:
+                self.baseline = self._evaluate("llm_base")
+                log.info("LLM at load (adapter v%d): %s", self._version, self.baseline)
+            self._ready.set()
         except Exception as e:  # the reason surfaces through /readyz
             self.error = f"LLM failed to load: {e}"
             log.exception("LLM failed to load")
+
+    def _evaluate(self, prefix: str) -> dict[str, Any]:
+        """The LLM as it is now: zero-shot accuracy and label rates, perplexity (metric names under ``prefix``)."""
+        e, ecfg = self.eval_set, self.cfg.eval
+        zs = zero_shot(self.llm, e.task, e.texts, e.labels, batch_size=ecfg.batch_size)
+        figures = {f"{prefix}_acc": zs["acc"], f"{prefix}_ppl": perplexity(self.llm, e.docs, max_tokens=ecfg.ppl_max_tokens),
+                   f"{prefix}_eval_texts": len(e.texts), f"{prefix}_eval_docs": len(e.docs)}
+        return figures | {f"{prefix}_rate_{label}": rate for label, rate in zs["pred_rate"].items()}
 
     def _sync_adapter(self) -> None:
         """Load the current adapter version if it is not the one in memory (start, or a rollback)."""
@@ -97,13 +149,13 @@ class CrossLMEngine:
         write_synthetic(out / SYNTHETIC_FILE, texts, targets)
 
     def ready(self) -> bool:
-        return self.llm is not None
+        return self._ready.is_set()
 
     def status(self) -> str:
-        return "ready" if self.llm else (self.error or "loading the LLM")
+        return "ready" if self.ready() else (self.error or "loading the LLM")
 
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
-        if self.llm is None:
+        if not self.ready():
             raise PreconditionError(f"the engine is not ready: {self.status()}")
         task = self.tasks.get(request.task)
         if task is None:
@@ -142,11 +194,18 @@ class CrossLMEngine:
         self._attach_synthetic(out, task, request.submission_id, res.synthetic)
         metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
+        metrics |= {k: ",".join(str(int(x)) for x in res.metrics[k]) for k in ("reward_hist", "kept_per_label")}
         if applied is None:
             version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
                                          task=task.name, metrics=metrics)
             self._version = version.version
             metrics["adapter_version"] = version.version
+            if self.eval_set is not None and version.version % self.eval_every == 0:
+                emit("evaluating_llm", {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
+                metrics |= self._evaluate("llm")
+                log.info("LLM after adapter v%d: acc %.4f, ppl %.3f", version.version, metrics["llm_acc"],
+                         metrics["llm_ppl"])
+        metrics |= self.baseline
         log.info("silo %s submission %s: kept %d of %d, reward %.3f, kl %.4f", request.silo,
                  request.submission_id, res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"],
                  res.metrics["kl"])

@@ -27,6 +27,11 @@ class Metrics:
                               registry=r)
         self.slm_accuracy = Gauge("crosslm_slm_heldout_accuracy", "Held-out accuracy a silo reported for its SLM",
                                   ["silo", "task"], registry=r)
+        self.llm_accuracy = Gauge("crosslm_llm_zero_shot_accuracy",
+                                  "The LLM's raw zero-shot accuracy on the engine's eval_data, latest measurement",
+                                  ["task"], registry=r)
+        self.llm_perplexity = Gauge("crosslm_llm_perplexity", "The LLM's perplexity on the general corpus, latest "
+                                    "measurement", ["task"], registry=r)
         for outcome in ("done", "failed"):
             self.rounds.labels(outcome)
         for direction in ("upload", "download"):

@@ -140,7 +140,8 @@ def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | Non
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")
     base = Path(path).resolve().parent
     options = raw.get("engine", {}).get("options", {})
-    for key in ("config", "adapters_dir", "synthetic_dir"):  # engine paths, like the others, are relative to this file
+    # engine paths, like the others, are relative to this file
+    for key in ("config", "adapters_dir", "synthetic_dir", "eval_data"):
         if isinstance(options.get(key), str):
             options[key] = str((base / options[key]).resolve())
     return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),

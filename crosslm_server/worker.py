@@ -104,7 +104,7 @@ class Worker:
             request = self._request(sub)
             outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer))
             timer.close()
-            self._outcome_metrics(outcome.metrics, kept_seen=timer.kept_seen)
+            self._outcome_metrics(outcome.metrics, kept_seen=timer.kept_seen, task=sub.task)
             result = self._store_result(sub, Path(outcome.slm_dir))
             svc.store.finish(sid, result=result, metrics=stringify_fields(outcome.metrics), now=svc.clock())
             svc.emit(sid, "ready", {"files": len(result.files), "bytes": result.total_size})
@@ -139,12 +139,16 @@ class Worker:
             timer.kept_seen = True
         self.service.emit(sid, kind, fields)
 
-    def _outcome_metrics(self, metrics: Mapping[str, Any], *, kept_seen: bool) -> None:
+    def _outcome_metrics(self, metrics: Mapping[str, Any], *, kept_seen: bool, task: str) -> None:
         """Figures an engine reports only at the end of the round (unless an event carried them)."""
+        m = self.service.metrics
         if _number(metrics.get("tokens_per_s")) is not None:
-            self.service.metrics.tokens_per_s.set(_number(metrics["tokens_per_s"]))
+            m.tokens_per_s.set(_number(metrics["tokens_per_s"]))
         if not kept_seen and _number(metrics.get("kept")) is not None:
-            self.service.metrics.samples_kept.inc(_number(metrics["kept"]))
+            m.samples_kept.inc(_number(metrics["kept"]))
+        for key, gauge in (("llm_acc", m.llm_accuracy), ("llm_ppl", m.llm_perplexity)):
+            if _number(metrics.get(key)) is not None:
+                gauge.labels(task).set(_number(metrics[key]))
 
     def _store_result(self, sub: Submission, slm_dir: Path):
         """Validate the engine's folder as a bundle and move a copy into results/ atomically."""

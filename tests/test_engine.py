@@ -95,3 +95,33 @@ def test_adapters_cli_lists_and_rolls_back_and_the_engine_follows(tmp_path, engi
     engine._sync_adapter()
     assert engine._version == 1
     assert server_main(["adapters", "rollback", "9", "--config", str(cfg)]) == 2
+
+
+def test_the_llm_is_measured_at_load_and_after_every_nth_version(tmp_path, tiny_sim_config, tiny_slm_dir,
+                                                                   toy_task_path):
+    """eval_data: zero-shot accuracy, label rates and perplexity of the real LLM, in the rounds' metrics."""
+    import csv
+
+    from crosslm_shared.errors import ConfigError
+
+    task = load_task(toy_task_path)
+    eval_csv = tmp_path / "llm-test.csv"
+    with eval_csv.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), ("good great movie", "positive"), ("awful dull film", "negative"),
+                                 ("meh ok plot", "neutral"), ("superb lovely story", "positive")])
+    options = {"config": str(tiny_sim_config), "tasks": [str(toy_task_path)], "background": False,
+               "adapters_dir": str(tmp_path / "adapters"), "eval_data": str(eval_csv), "eval_texts": 3,
+               "eval_every": 2}
+    engine = create_engine("crosslm", options)
+    assert engine.ready() and engine.baseline["llm_base_eval_texts"] == 3
+    slm_dir = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "submitted")
+    events = []
+    first = engine.run_round(_request(tmp_path, slm_dir, sid="s1"), lambda kind, fields: events.append(kind)).metrics
+    second = engine.run_round(_request(tmp_path, slm_dir, sid="s2"), lambda kind, fields: events.append(kind)).metrics
+    assert "llm_acc" not in first and 0 <= second["llm_acc"] <= 1 and second["llm_ppl"] > 1
+    assert events.count("evaluating_llm") == 1
+    assert first["llm_base_acc"] == second["llm_base_acc"] and first["llm_base_ppl"] > 1
+    assert abs(sum(second[f"llm_rate_{name}"] for name in task.label_names) - 1) < 1e-6
+    assert len(first["reward_hist"].split(",")) == 10 and len(first["kept_per_label"].split(",")) == 3
+    with pytest.raises(ConfigError, match="eval_data"):
+        create_engine("crosslm", options | {"eval_data": str(tmp_path / "missing.csv")})
