@@ -91,7 +91,7 @@ def report_plots(report: dict, out: Path) -> list[str]:
         ax.axhline(100 * s["acc_local"], color=color, linestyle=":", linewidth=1)
         if name in zg:
             ax.scatter([xs[-1] + 0.15], [100 * zg[name]["acc"]], marker="x", color=color)
-    ax.set_xlabel("round (0 = silo-only; dotted = silo-only level; x = ZeroGen)")
+    ax.set_xlabel("round (0 = silo-only; dotted = silo-only level" + ("; x = ZeroGen)" if zg else ")"))
     ax.set_ylabel("SLM test accuracy (%)")
     ax.set_title("SLM accuracy per silo per round")
     ax.set_xticks(range(len(rounds) + 1))
@@ -111,8 +111,9 @@ def report_plots(report: dict, out: Path) -> list[str]:
     ax2 = ax.twinx()
     ax2.plot(xs, ppl, marker="s", color="C3", label="perplexity (general corpus)")
     ax2.set_ylabel("perplexity", color="C3")
-    ax.set_title(f"LLM per round (judge on-label: {100 * llm.get('on_label_before', float('nan')):.1f} % → "
-                 f"{100 * llm.get('on_label_after', float('nan')):.1f} %)")
+    judge = (f" (judge on-label: {100 * llm['on_label_before']:.1f} % → {100 * llm['on_label_after']:.1f} %)"
+             if "on_label_before" in llm else "")
+    ax.set_title(f"LLM per round{judge}")
     fig.legend(loc="lower center", ncol=2, fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths.append(_save(fig, out / "llm_per_round.png"))

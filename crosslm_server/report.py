@@ -1,4 +1,9 @@
-"""report.json (the schema other tools read) and report.md (the same figures for people)."""
+"""report.json (the schema other tools read) and report.md (the same figures for people).
+
+Two kinds share the schema: ``simulate`` (every arm in one process, with the ZeroGen baseline and
+the independent judge) and ``demo`` (`crosslm demo`: the service over the wire, figures from the
+silos' daemons and the server's engine; no ZeroGen, no judge).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,22 @@ from pathlib import Path
 import numpy as np
 
 REQUIRED_SILO_KEYS = ("arch", "n_private", "acc_local", "acc_after")
-REQUIRED_LLM_KEYS = ("acc_before", "acc_after", "ppl_before", "ppl_after", "on_label_before", "on_label_after")
+REQUIRED_LLM_KEYS = ("acc_before", "acc_after", "ppl_before", "ppl_after")
+JUDGE_LLM_KEYS = ("on_label_before", "on_label_after")  # simulate only: the independent judge
 REQUIRED_ROUND_KEYS = ("generated", "kept", "reward_mean", "kl", "distinct_2", "truncated", "seconds_per_stage")
 
 
 def check_schema(report: dict) -> list[str]:
     """Names of the required keys the report lacks (empty when complete)."""
     missing = []
+    simulate = report.get("kind", "simulate") == "simulate"
     for name, silo in report.get("silos", {}).items():
         missing += [f"silos.{name}.{k}" for k in REQUIRED_SILO_KEYS if k not in silo]
-    missing += [f"llm.{k}" for k in REQUIRED_LLM_KEYS if k not in report.get("llm", {})]
+    llm_keys = REQUIRED_LLM_KEYS + (JUDGE_LLM_KEYS if simulate else ())
+    missing += [f"llm.{k}" for k in llm_keys if k not in report.get("llm", {})]
     for i, rnd in enumerate(report.get("rounds", [])):
         missing += [f"rounds[{i}].{k}" for k in REQUIRED_ROUND_KEYS if k not in rnd]
-    if "zerogen" not in report.get("baselines", {}):
+    if simulate and "zerogen" not in report.get("baselines", {}):
         missing.append("baselines.zerogen")
     if not report.get("silos"):
         missing.append("silos")
@@ -35,29 +43,35 @@ def _pct(x: float) -> str:
 
 def render_markdown(report: dict) -> str:
     zg = report.get("baselines", {}).get("zerogen", {}).get("silos", {})
-    lines = [f"# CrossLM simulation: {report['task']} (seed {report['seed']})", "",
-             "## SLM test accuracy per silo (%)", "",
-             "| silo | arch | private examples | silo-only | ZeroGen | " +
+    title = report.get("title") or f"CrossLM simulation: {report['task']} (seed {report['seed']})"
+    zg_head, zg_rule = ("ZeroGen | ", "---|") if zg else ("", "")
+    lines = [f"# {title}", "", "## SLM test accuracy per silo (%)", "",
+             "| silo | arch | private examples | silo-only | " + zg_head +
              " | ".join(f"CrossLM r{i + 1}" for i in range(len(report["rounds"]))) + " | gain vs silo-only |",
-             "|---|---|---|---|---|" + "---|" * len(report["rounds"]) + "---|"]
-    gains = []
+             "|---|---|---|---|" + zg_rule + "---|" * len(report["rounds"]) + "---|"]
     for name, s in report["silos"].items():
         after = s["acc_after"]
         gain = after[-1] - s["acc_local"] if after else float("nan")
-        gains.append(gain)
-        zgs = _pct(zg[name]["acc"]) if name in zg else "–"
-        lines.append(f"| {name} | {s['arch']} | {s['n_private']} | {_pct(s['acc_local'])} | {zgs} | " +
+        zgs = (_pct(zg[name]["acc"]) if name in zg else "–") + " | " if zg else ""
+        lines.append(f"| {name} | {s['arch']} | {s['n_private']} | {_pct(s['acc_local'])} | {zgs}" +
                      " | ".join(_pct(a) for a in after) + f" | {100 * gain:+.1f} |")
     mean_local = np.mean([s["acc_local"] for s in report["silos"].values()])
     mean_after = np.mean([s["acc_after"][-1] for s in report["silos"].values()])
-    mean_zg = np.mean([v["acc"] for v in zg.values()]) if zg else float("nan")
-    lines += ["", f"Mean: silo-only {_pct(mean_local)}, ZeroGen {_pct(mean_zg)}, CrossLM {_pct(mean_after)} "
-              f"({100 * (mean_after - mean_local):+.1f} points vs silo-only, {100 * (mean_after - mean_zg):+.1f} vs ZeroGen).",
-              "", "## LLM", "", "| figure | before | after |", "|---|---|---|"]
+    if zg:
+        mean_zg = np.mean([v["acc"] for v in zg.values()])
+        mean = (f"Mean: silo-only {_pct(mean_local)}, ZeroGen {_pct(mean_zg)}, CrossLM {_pct(mean_after)} "
+                f"({100 * (mean_after - mean_local):+.1f} points vs silo-only, "
+                f"{100 * (mean_after - mean_zg):+.1f} vs ZeroGen).")
+    else:
+        mean = (f"Mean: silo-only {_pct(mean_local)}, CrossLM {_pct(mean_after)} "
+                f"({100 * (mean_after - mean_local):+.1f} points vs silo-only).")
+    lines += ["", mean, "", "## LLM", "", "| figure | before | after |", "|---|---|---|"]
     llm = report["llm"]
+    judge = ([f"| judge on-label rate of generations | {_pct(llm['on_label_before'])} % | "
+              f"{_pct(llm['on_label_after'])} % |"] if "on_label_before" in llm else [])
     lines += [f"| zero-shot accuracy (raw) | {_pct(llm['acc_before'])} % | {_pct(llm['acc_after'])} % |",
               f"| predicted-label rates | {_rates(llm.get('pred_rate_before'))} | {_rates(llm.get('pred_rate_after'))} |",
-              f"| judge on-label rate of generations | {_pct(llm['on_label_before'])} % | {_pct(llm['on_label_after'])} % |",
+              *judge,
               f"| perplexity, general corpus | {llm['ppl_before']:.2f} | {llm['ppl_after']:.2f} "
               f"({100 * (llm['ppl_after'] / llm['ppl_before'] - 1):+.1f} %) |",
               "", "## Rounds", "",
