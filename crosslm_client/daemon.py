@@ -29,6 +29,7 @@ from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
 from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
+from crosslm_shared.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     status = Status(out / "status.json", silo=s.name, rounds=config.rounds.count)
     status("loading data", 0)
     examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
-    test = (load_examples(s.test_data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
-            if s.test_data else None)
+    test = _load_test(config)
     train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
     reports = []
@@ -86,7 +86,9 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
             report |= {"arch": s.arch, "n_train": len(train[0]), "n_heldout": len(held[0]),
-                       "label_counts": _label_counts(s.labels, examples[1])}
+                       "label_counts": _label_counts(s.labels, examples[1]),
+                       "train": {"lrs": list(config.train.lrs), "epochs": config.train.epochs,
+                                 "continue_epochs": config.train.continue_epochs}}
             (out / "reports" / f"round-{round_no:03d}.json").write_text(json.dumps(report, indent=2))
             reports.append(report)
             status("round done", round_no, outcome=report["outcome"], kept=report["kept"],
@@ -96,6 +98,16 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
                 time.sleep(config.rounds.interval_s)
     status("done", round_no - 1)
     return reports
+
+
+def _load_test(config: SiloConfig) -> Examples | None:
+    s = config.silo
+    if s.test_data is None:
+        return None
+    try:
+        return load_examples(s.test_data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    except DataError as e:
+        raise DataError(f"[silo] test_data: {e}") from e
 
 
 def _label_counts(labels, ys) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""`crosslm`: the engine's command line (simulate, study, results, certs)."""
+"""`crosslm`: the engine's command line (demo, simulate, study, results, certs)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from crosslm_shared.errors import CrossLMError
@@ -75,10 +76,69 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _example(name: str) -> Path:
+    """examples/NAME from the working directory, else from this checkout (an editable install)."""
+    here = Path("examples") / name
+    return here if here.exists() else EXAMPLES / name
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crosslm_server.demo import DemoSettings, prepare, run
+
+    config = Path(args.config) if args.config else _example("demo-quick.toml" if args.quick else "rt-4silo.toml")
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = DemoSettings(
+        config=config, out=out, silos=args.silos, rounds=args.rounds,
+        archs=tuple(a.strip() for a in args.archs.split(",") if a.strip()) if args.archs else (),
+        llm_eval_texts=args.llm_eval_texts if args.llm_eval_texts is not None else (40 if args.quick else 100),
+        llm_eval_docs=args.llm_eval_docs if args.llm_eval_docs is not None else (4 if args.quick else 10),
+        continue_epochs=args.continue_epochs, sets=tuple(args.set or ()))
+    print(f"CrossLM demo: engine config {config}, output {out}", flush=True)
+    layout = prepare(settings)
+    print(f"prepared {out}: certificates, private data and public test sets of {len(layout.archs)} silos "
+          f"({', '.join(f'{n}: {a}' for n, a in layout.archs.items())}), server.toml and silo TOMLs", flush=True)
+    return run(layout, timeout_s=args.timeout, echo=lambda line: print(line, flush=True))
+
+
+def cmd_demo_report(args: argparse.Namespace) -> int:
+    from crosslm_server.config import load_config
+    from crosslm_server.demo import report_header
+    from crosslm_server.demo_report import DemoReportError, load_silo_reports, summary, write_demo_report
+    from crosslm_shared.tasks import load_task
+
+    dirs = {}
+    for item in args.silos:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            log.error("%r: give each silo as NAME=FOLDER (its output_dir, holding reports/)", item)
+            return EXIT_USAGE
+        dirs[name] = Path(path)
+    cfg = load_config(args.config, list(args.set or []))
+    reports = {n: load_silo_reports(d) for n, d in dirs.items()}
+    rounds = args.rounds or min(len(r) for r in reports.values())
+    archs = {n: r[0]["arch"] if r else "?" for n, r in reports.items()}
+    header = report_header(cfg, Path(args.config), load_task(cfg.task), demo={"silos": archs, "rounds": rounds})
+    out = Path(args.out)
+    try:
+        report = write_demo_report(out, dirs, rounds=rounds, header=header)
+    except DemoReportError as e:
+        log.error("%s", e)
+        return EXIT_ERROR
+    print(summary(report))
+    print(f"report: {out / 'report.md'}\n        {out / 'report.json'}")
+    return EXIT_OK
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from crosslm_shared.certs import make_certs
 
     silos = [s.strip() for s in args.silos.split(",") if s.strip()]
+    if args.if_missing and (Path(args.out) / "ca.pem").exists():
+        print(f"certificates already in {args.out}: kept (delete the folder or use --force for new ones)")
+        return EXIT_OK
     paths = make_certs(Path(args.out), server_hosts=args.server_host or [], silos=silos, days=args.days,
                        force=args.force)
     print(f"CA:     {paths.ca}  (give this file to every silo; keep ca.key offline)")
@@ -92,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslm", description="CrossLM: mutual enhancement of an LLM and silos' SLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    de = sub.add_parser("demo", help="run a server and four silo daemons as local processes over gRPC (mTLS), "
+                                     "show their progress, write a report with plots")
+    de.add_argument("--quick", action="store_true",
+                    help="small counts on the same real models (examples/demo-quick.toml; about 4 minutes on 2 "
+                         "CPU cores) instead of examples/rt-4silo.toml (about 15)")
+    de.add_argument("--out", default=None, help="run folder, empty or absent (default: runs/demo-<date>-<time>)")
+    de.add_argument("--config", default=None,
+                    help="engine config: task, split, LLM, rounds, SLM selection (default: examples/rt-4silo.toml, "
+                         "or examples/demo-quick.toml with --quick)")
+    de.add_argument("--silos", type=int, default=4, help="silo daemons, named silo-a, silo-b, ... (default: %(default)s)")
+    de.add_argument("--archs", default=None,
+                    help="comma-separated SLM architectures cycled over the silos: minilm, mpnet4, tiny "
+                         "(default: the config's archs)")
+    de.add_argument("--rounds", type=int, default=None, help="rounds per silo (default: the config's rounds)")
+    de.add_argument("--llm-eval-texts", type=int, default=None,
+                    help="zero-shot test texts per LLM measurement, 0 = all (default: 100, --quick 40)")
+    de.add_argument("--llm-eval-docs", type=int, default=None,
+                    help="general-corpus documents per perplexity measurement (default: 10, --quick 4)")
+    de.add_argument("--continue-epochs", type=int, default=1,
+                    help="epochs a silo continues a returned SLM on its private data (default: %(default)s)")
+    de.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="engine config override for the server and the split, e.g. --set round.update.gamma_kl=0")
+    de.add_argument("--timeout", type=float, default=0,
+                    help="stop everything and fail after this many seconds; 0 = never (default: %(default)s)")
+    de.set_defaults(func=cmd_demo)
+    dr = sub.add_parser("demo-report", help="write a demo's report.json, report.md and plots from its silos' round "
+                                            "reports (what `crosslm demo` does at its end; the compose `report` service)")
+    dr.add_argument("silos", nargs="+", metavar="NAME=FOLDER", help="each silo's output_dir (holding reports/)")
+    dr.add_argument("--config", default="examples/rt-4silo.toml",
+                    help="the engine config the server ran (default: %(default)s)")
+    dr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="the server's engine overrides")
+    dr.add_argument("--rounds", type=int, default=None, help="rounds to report (default: what every silo finished)")
+    dr.add_argument("--out", default="runs/demo-report", help="output folder (default: %(default)s)")
+    dr.set_defaults(func=cmd_demo_report)
     sim = sub.add_parser("simulate", help="run N silos and R rounds in one process and write a report")
     sim.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")
     sim.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
@@ -123,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--silos", required=True, help="comma-separated silo names; each becomes a certificate's CN")
     ce.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
     ce.add_argument("--force", action="store_true", help="replace an existing CA in --out (default: refuse)")
+    ce.add_argument("--if-missing", action="store_true",
+                    help="when --out already holds a CA, keep every file and exit 0 (a compose one-shot that "
+                         "runs again; default: refuse)")
     ce.set_defaults(func=cmd_certs, ml=False)
     return parser
 

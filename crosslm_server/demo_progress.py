@@ -1,0 +1,139 @@
+"""Live progress of `crosslm demo`: one line whenever a silo or the server moves on.
+
+A silo's line comes from its daemon's ``status.json`` (its phase, and the server's latest event
+for its submission: which stage, k of n); the server's from its HTTP side (``/readyz``,
+``/v1/submissions``, ``/metrics``). Lines are printed, not redrawn, so a log of the demo reads the
+same as the terminal.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+SERVER_EVENTS: dict[str, Callable[[dict], str]] = {
+    "queued": lambda f: f"queued on the server (position {f.get('position', '?')})",
+    "started": lambda f: "the server started its round",
+    "resumed": lambda f: f"the server resumed its round at {f.get('stage', '?')}",
+    "generating": lambda f: "server: generating synthetic examples "
+                            f"{f.get('done', f.get('k', '?'))}/{f.get('total', f.get('n', '?'))}",
+    "scoring": lambda f: f"server: scoring {f.get('samples', '')} examples with every silo's SLM".replace("  ", " "),
+    "training_llm": lambda f: f"server: updating the LLM (LoRA) step {f.get('step', '?')}/{f.get('total', '?')}",
+    "filtering": lambda f: "server: filtering",
+    "training_slm": lambda f: f"server: enhancing its SLM on {f.get('samples', f.get('examples', '?'))} kept examples",
+    "evaluating_llm": lambda f: f"server: measuring the LLM ({f.get('texts', '?')} zero-shot texts, "
+                                f"{f.get('docs', '?')} perplexity documents)",
+    "ready": lambda f: "enhanced SLM ready on the server",
+    "failed": lambda f: f"round FAILED on the server: {f.get('reason', '?')}",
+}
+
+
+def describe(status: dict[str, Any]) -> str:
+    """One silo daemon's status.json in words."""
+    phase, r, n = status.get("phase"), status.get("round", 0), status.get("rounds", 0)
+    at = f"round {r}/{n}: " if r else ""
+    if phase == "loading data":
+        return "loading its private data"
+    if phase == "training":
+        return f"training its {status.get('arch', '')} SLM on {status.get('examples', '?')} private examples"
+    if phase == "uploading":
+        return f"{at}uploading its SLM ({_mb(status.get('bytes', 0))})"
+    if phase == "submitted":
+        return f"{at}submitted"
+    if phase == "server":
+        kind = status.get("event", "")
+        fields = status.get("fields", {})
+        return at + SERVER_EVENTS.get(kind, lambda f: f"server: {kind} {f}")(fields)
+    if phase == "downloading":
+        return f"{at}downloading the enhanced SLM ({_mb(status.get('bytes', 0))})"
+    if phase == "continuing":
+        return f"{at}continuing the enhanced SLM on its private data"
+    if phase == "evaluating":
+        return f"{at}kept the enhanced SLM; measuring it on its public test set"
+    if phase == "round done":
+        acc = status.get("test_accuracy")
+        return f"{at}done, kept the {status.get('kept', '?')} SLM" + (f", test accuracy {100 * acc:.1f} %"
+                                                                     if acc is not None else "")
+    if phase == "done":
+        return "finished all rounds"
+    return str(phase)
+
+
+class Progress:
+    def __init__(self, layout, *, echo: Callable[[str], None], started: float, http_every_s: float = 2.0):
+        self.layout, self.echo, self.started, self.http_every_s = layout, echo, started, http_every_s
+        self.last: dict[str, str] = {}
+        self.next_http = 0.0
+        self.width = max(len(f"{n} ({a})") for n, a in layout.archs.items())
+
+    def update(self) -> None:
+        for name, arch in self.layout.archs.items():
+            try:
+                status = json.loads((self.layout.out / name / "status.json").read_text())
+            except (OSError, ValueError):
+                continue
+            self._say(name, f"{name} ({arch})", describe(status))
+        if time.monotonic() >= self.next_http:
+            self.next_http = time.monotonic() + self.http_every_s
+            line, detail = self._server()
+            self._say("server", "server", line, detail)
+
+    def _say(self, key: str, who: str, line: str, detail: str = "") -> None:
+        if line != self.last.get(key):
+            self.last[key] = line
+            elapsed = time.monotonic() - self.started
+            self.echo(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {who:<{self.width}}  {line}{detail}")
+
+    def _get(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.layout.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def _server(self) -> tuple[str, str]:
+        """(the line, shown only when it changes; a detail shown with it)."""
+        try:
+            code, body = self._get("/readyz")
+            if code != 200:
+                reason = json.loads(body).get("reason", "")
+                return ("loading the LLM and measuring it" if reason == "engine is loading" else reason), ""
+            subs = json.loads(self._get("/v1/submissions")[1])["submissions"]
+            metrics = self._get("/metrics")[1]
+        except (OSError, ValueError, KeyError):
+            return "starting", ""
+        total = len(self.layout.archs) * self.layout.rounds
+        by_stage = {s: [x for x in subs if x["stage"] == s] for s in ("queued", "running", "ready", "failed")}
+        parts = [f"ready: {len(by_stage['ready'])}/{total} rounds done"]
+        for sub in by_stage["running"]:
+            parts.append(f"running {sub['silo']} round {_round_of(sub)}")
+        if by_stage["queued"]:
+            parts.append(f"{len(by_stage['queued'])} queued")
+        if by_stage["failed"]:
+            parts.append(f"{len(by_stage['failed'])} FAILED")
+        measured = [x["metrics"] for x in by_stage["ready"] if "llm_acc" in x["metrics"]]
+        if measured:
+            last = max(measured, key=lambda m: int(m["adapter_version"]))
+            parts.append(f"LLM zero-shot {100 * float(last['llm_acc']):.1f} %, perplexity "
+                         f"{float(last['llm_ppl']):.2f} after update {last['adapter_version']}")
+        elif by_stage["ready"] and "llm_base_acc" in by_stage["ready"][0]["metrics"]:
+            m = by_stage["ready"][0]["metrics"]
+            parts.append(f"LLM at start: zero-shot {100 * float(m['llm_base_acc']):.1f} %, "
+                         f"perplexity {float(m['llm_base_ppl']):.2f}")
+        speed = re.search(r"^crosslm_generation_tokens_per_second (\S+)", metrics, re.M)
+        detail = f" ({float(speed.group(1)):.0f} tokens/s)" if by_stage["running"] and speed and float(speed.group(1)) else ""
+        return "; ".join(parts), detail
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.0f} MB" if size >= 10e6 else f"{size / 1e6:.1f} MB"
+
+
+def _round_of(sub: dict) -> str:
+    """The daemon names uploads <silo>-r<round>-<hash>."""
+    found = re.match(rf"{re.escape(sub['silo'])}-r(\d+)-", sub["upload_id"])
+    return found.group(1) if found else "?"

@@ -1,0 +1,174 @@
+"""`crosslm demo`: a server and four silo daemons as processes over gRPC (mTLS), on tiny random models.
+
+The engine is the real `crosslm` round on a tiny random Llama and a toy task; the silos run the
+daemon's `tiny` architecture. The slow test at the end runs `crosslm demo --quick` on the real
+offline models.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import write_task
+from crosslm_client.config import load_silo_config
+from crosslm_server.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare, run
+from crosslm_server.report import check_schema
+from crosslm_server.server_config import load_server_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def demo_config(tmp_path, tiny_llm_dir) -> Path:
+    task = write_task(tmp_path, labels=("negative", "positive"), n_per_label=120)
+    cfg = tmp_path / "demo-tiny.toml"
+    cfg.write_text(f'''task = "{task}"
+rounds = 2
+archs = ["tiny"]
+[split]
+n_silos = 2
+n_private = 16
+n_test = 10
+n_llm_test = 10
+n_judge = 0
+alpha = 0.5
+[llm]
+model = "{tiny_llm_dir}"
+target_modules = ["q_proj", "v_proj"]
+[round.generate]
+per_label = 3
+batch_size = 6
+max_new_tokens = 10
+[round.update]
+batch_size = 4
+[round.filter]
+min_words = 1
+[round.slm]
+lrs = [1e-3]
+max_epochs = 2
+[eval]
+ppl_max_tokens = 32
+''')
+    return cfg
+
+
+def _settings(config: Path, out: Path, **kw) -> DemoSettings:
+    return DemoSettings(config=config, out=out, archs=("tiny",), llm_eval_texts=6, llm_eval_docs=2, **kw)
+
+
+@pytest.mark.e2e
+def test_demo_runs_four_silos_and_writes_the_report(tmp_path, demo_config):
+    out = tmp_path / "run"
+    layout = prepare(_settings(demo_config, out))
+    assert list(layout.archs) == ["silo-a", "silo-b", "silo-c", "silo-d"]  # --silos 4 replaces split.n_silos
+    lines: list[str] = []
+    assert run(layout, timeout_s=300, echo=lines.append) == EXIT_OK, "\n".join(lines)
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "demo" and check_schema(report) == []
+    assert set(report["silos"]) == set(layout.archs)
+    for silo in report["silos"].values():
+        assert silo["arch"] == "tiny" and len(silo["acc_after"]) == 2 and 0 <= silo["acc_local"] <= 1
+        assert silo["n_test"] == 10 and silo["n_private"] == 16
+    llm = report["llm"]
+    assert {"acc_before", "acc_after", "ppl_before", "ppl_after"} <= set(llm) and llm["eval_texts"] == 6
+    assert [e["after_update"] for e in llm["evaluations"]] == [4, 8]  # once per round of the four silos
+    assert [r["llm"]["after_update"] for r in report["rounds"]] == [4, 8]
+    assert all(len(r["silos"]) == 4 and len(r["silos"]["silo-a"]["reward_hist"]) == 10 for r in report["rounds"])
+    assert report["plots"] == ["slm_per_round.png", "llm_per_round.png", "filter_rewards.png"]
+    assert all((out / p).stat().st_size > 10_000 for p in report["plots"])
+    md = (out / "report.md").read_text()
+    assert "silo-only" in md and "How this was measured" in md and "ZeroGen" not in md
+    text = "\n".join(lines)
+    assert "server: generating synthetic examples" in text or "server: updating the LLM" in text
+    assert re.search(r"ready: 8/8 rounds done", text) and "report: " in text
+    for name in layout.archs:  # every daemon finished, and said so in its status file
+        assert json.loads((out / name / "status.json").read_text())["phase"] == "done"
+
+
+def test_the_demo_configs_have_the_examples_shape(tmp_path, demo_config):
+    """server.toml and silo-X.toml load like the examples, with the same sections."""
+    layout = prepare(_settings(demo_config, tmp_path / "run", silos=2))
+    example = tomllib.loads((ROOT / "examples" / "server.toml").read_text())
+    ours = tomllib.loads(layout.server_toml.read_text())
+    assert set(ours) == set(example) and set(ours["engine"]) == set(example["engine"])
+    server = load_server_config(layout.server_toml)
+    assert not server.server.plaintext_dev_mode and server.server.tls_ca == tmp_path / "run" / "certs" / "ca.pem"
+    assert server.engine.name == "crosslm" and Path(server.engine.options["eval_data"]).is_file()
+    for name in ("silo-a", "silo-b"):
+        silo = load_silo_config(layout.silo_toml(name))
+        assert set(tomllib.loads(layout.silo_toml(name).read_text())) == \
+            set(tomllib.loads((ROOT / "examples" / f"{name}.toml").read_text()))
+        assert silo.silo.data.is_file() and silo.silo.test_data.is_file() and silo.server.cert.is_file()
+        assert silo.server.address == f"127.0.0.1:{layout.grpc_port}"
+    with pytest.raises(Exception, match="not empty"):
+        prepare(_settings(demo_config, tmp_path / "run"))
+
+
+@pytest.mark.e2e
+def test_a_crashing_silo_is_named_with_its_log_and_everything_stops(tmp_path, demo_config):
+    out = tmp_path / "run"
+    layout = prepare(_settings(demo_config, out))
+    (out / "data" / "silo-c.csv").write_text("text,label\nfine film,not-a-label\n")
+    lines: list[str] = []
+    started = time.monotonic()
+    assert run(layout, timeout_s=300, echo=lines.append) == EXIT_FAILED
+    text = "\n".join(lines)
+    assert "FAILED: silo-c exited with code 2 (bad config or data)" in text
+    assert "not-a-label" in text  # the tail of silo-c's log says what is wrong
+    assert time.monotonic() - started < 120
+    pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", text)]
+    assert len(pids) == 5 and not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.e2e
+def test_ctrl_c_stops_every_child(tmp_path, demo_config):
+    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.cli", "demo", "--config", str(demo_config),
+                             "--archs", "tiny", "--out", str(tmp_path / "run"), "--llm-eval-texts", "6",
+                             "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "training its tiny SLM" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        lines += proc.stdout.readlines()
+        assert proc.wait(60) == EXIT_INTERRUPTED, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert "stopping every process (Ctrl-C)" in text
+    pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", text)]
+    assert len(pids) == 5 and not any(_alive(pid) for pid in pids)
+    assert "stopped" in (tmp_path / "run" / "logs" / "silo-a.log").read_text()  # the daemon's clean exit (130)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_demo_quick_on_the_real_models(tmp_path):
+    """`crosslm demo --quick`: four silos, MiniLM and MPNet-4L, the real SmolLM2; ≤ 4 minutes idle."""
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "crosslm_server.cli", "demo", "--quick", "--out", str(out),
+                           "--timeout", "1500"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert check_schema(report) == [] and len(report["silos"]) == 4
+    assert {s["arch"] for s in report["silos"].values()} == {"minilm", "mpnet4"}
+    assert report["llm"]["ppl_before"] > 1 and len(report["plots"]) >= 2
+    assert "report.md" in proc.stdout
