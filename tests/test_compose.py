@@ -149,3 +149,13 @@ def test_the_compose_configs_have_the_examples_shape():
         ours = tomllib.loads((ROOT / "docker" / f"{name}.toml").read_text())
         example = tomllib.loads((ROOT / "examples" / f"{name}.toml").read_text())
         assert set(ours) == set(example), name
+
+
+def test_the_certs_one_shot_keeps_existing_certificates_on_a_second_up(tmp_path):
+    from crosslm_server.cli import main
+
+    args = ["certs", "--out", str(tmp_path / "certs"), "--server-host", "server", "--silos", "silo-a", "--if-missing"]
+    assert main(args) == 0
+    ca = (tmp_path / "certs" / "ca.pem").read_bytes()
+    assert main(args) == 0 and (tmp_path / "certs" / "ca.pem").read_bytes() == ca
+    assert main(args[:-1]) == 2  # without --if-missing an existing CA is refused, as before
