@@ -42,14 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for the public test files silo-a-test.csv ... and llm-test.csv (default: OUT/public)")
     d.add_argument("--silos", type=int, default=4, help="number of silos (default: 4)")
     d.add_argument("--n-private", type=int, default=128, help="private examples per silo (default: 128)")
-    d.add_argument("--n-test", type=int, default=300, help="test examples per silo, reporting only; 0 = none (default: 300)")
+    d.add_argument("--n-test", type=int, default=300,
+                   help="test examples per silo, reporting only; 0 = none (default: 300)")
     d.add_argument("--n-llm-test", type=int, default=400, help="the LLM's zero-shot test set; 0 = none (default: 400)")
     d.add_argument("--n-judge", type=int, default=1000,
                    help="examples set aside for an independent judge, written nowhere; kept so the cut equals "
                         "`crosslm simulate`'s (default: 1000)")
     d.add_argument("--partition", choices=["dirichlet", "iid"], default="dirichlet",
                    help="label-skewed (dirichlet) or iid private shares (default: dirichlet)")
-    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration; smaller = more skew (default: 0.5)")
+    d.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet concentration; smaller = more skew (default: 0.5)")
     d.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     return p
 

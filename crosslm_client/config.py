@@ -30,7 +30,7 @@ class SiloSection:
     heldout_fraction: float = 0.25       # share of the data kept aside for evaluation, never trained on
     seed: int = 0                        # seed of the split and of training
     arch: Arch = "minilm"                # SLM architecture: minilm, mpnet4, or tiny (tests)
-    test_data: Path | None = None        # public test examples (same format) for the reports only: never trained on or selected with
+    test_data: Path | None = None        # public test examples (same format), reports only: never trained or selected on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--config", default=None,
                     help="engine config: task, split, LLM, rounds, SLM selection (default: examples/rt-4silo.toml, "
                          "or examples/demo-quick.toml with --quick)")
-    de.add_argument("--silos", type=int, default=4, help="silo daemons, named silo-a, silo-b, ... (default: %(default)s)")
+    de.add_argument("--silos", type=int, default=4,
+                    help="silo daemons, named silo-a, silo-b, ... (default: %(default)s)")
     de.add_argument("--archs", default=None,
                     help="comma-separated SLM architectures cycled over the silos: minilm, mpnet4, tiny "
                          "(default: the config's archs)")
@@ -177,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--timeout", type=float, default=0,
                     help="stop everything and fail after this many seconds; 0 = never (default: %(default)s)")
     de.set_defaults(func=cmd_demo)
-    dr = sub.add_parser("demo-report", help="write a demo's report.json, report.md and plots from its silos' round "
-                                            "reports (what `crosslm demo` does at its end; the compose `report` service)")
+    dr = sub.add_parser("demo-report",
+                        help="write a demo's report.json, report.md and plots from its silos' round reports "
+                             "(what `crosslm demo` does at its end; the compose `report` service)")
     dr.add_argument("silos", nargs="+", metavar="NAME=FOLDER", help="each silo's output_dir (holding reports/)")
     dr.add_argument("--config", default="examples/rt-4silo.toml",
                     help="the engine config the server ran (default: %(default)s)")

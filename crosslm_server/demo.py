@@ -174,7 +174,7 @@ set = {_toml([*settings.sets, f"eval.n_ppl_docs={settings.llm_eval_docs}"])}
 
 def _silo_toml(layout: Layout, name: str, task, cfg, settings: DemoSettings) -> str:
     slm = cfg.round.slm
-    return f"""# `crosslm demo` {name}: the shape of examples/{name if name <= "silo-d" else "silo-a"}.toml.
+    return f"""# `crosslm demo` {name}: the shape of examples/silo-a.toml, on the demo's localhost port.
 # Relative paths are resolved against this file's folder.
 output_dir = {_toml(name)}
 

@@ -125,7 +125,8 @@ class Progress:
             parts.append(f"LLM at start: zero-shot {100 * float(m['llm_base_acc']):.1f} %, "
                          f"perplexity {float(m['llm_base_ppl']):.2f}")
         speed = re.search(r"^crosslm_generation_tokens_per_second (\S+)", metrics, re.M)
-        detail = f" ({float(speed.group(1)):.0f} tokens/s)" if by_stage["running"] and speed and float(speed.group(1)) else ""
+        tokens_per_s = float(speed.group(1)) if speed and by_stage["running"] else 0.0
+        detail = f" ({tokens_per_s:.0f} tokens/s)" if tokens_per_s else ""
         return "; ".join(parts), detail
 
 

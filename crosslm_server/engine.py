@@ -124,8 +124,9 @@ class CrossLMEngine:
         """The LLM as it is now: zero-shot accuracy and label rates, perplexity (metric names under ``prefix``)."""
         e, ecfg = self.eval_set, self.cfg.eval
         zs = zero_shot(self.llm, e.task, e.texts, e.labels, batch_size=ecfg.batch_size)
-        figures = {f"{prefix}_acc": zs["acc"], f"{prefix}_ppl": perplexity(self.llm, e.docs, max_tokens=ecfg.ppl_max_tokens),
-                   f"{prefix}_eval_texts": len(e.texts), f"{prefix}_eval_docs": len(e.docs)}
+        ppl = perplexity(self.llm, e.docs, max_tokens=ecfg.ppl_max_tokens)
+        figures = {f"{prefix}_acc": zs["acc"], f"{prefix}_ppl": ppl, f"{prefix}_eval_texts": len(e.texts),
+                   f"{prefix}_eval_docs": len(e.docs)}
         return figures | {f"{prefix}_rate_{label}": rate for label, rate in zs["pred_rate"].items()}
 
     def _sync_adapter(self) -> None:

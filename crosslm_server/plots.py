@@ -111,9 +111,11 @@ def report_plots(report: dict, out: Path) -> list[str]:
     ax2 = ax.twinx()
     ax2.plot(xs, ppl, marker="s", color="C3", label="perplexity (general corpus)")
     ax2.set_ylabel("perplexity", color="C3")
-    judge = (f" (judge on-label: {100 * llm['on_label_before']:.1f} % → {100 * llm['on_label_after']:.1f} %)"
-             if "on_label_before" in llm else "")
-    ax.set_title(f"LLM per round{judge}")
+    notes = [f"judge on-label: {100 * llm['on_label_before']:.1f} % → {100 * llm['on_label_after']:.1f} %"
+             if "on_label_before" in llm else "",
+             f"{llm['eval_texts']} test texts, {llm['eval_docs']} perplexity documents" if "eval_texts" in llm else ""]
+    notes = [n for n in notes if n]
+    ax.set_title("LLM per round" + (f" ({'; '.join(notes)})" if notes else ""))
     fig.legend(loc="lower center", ncol=2, fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths.append(_save(fig, out / "llm_per_round.png"))
