@@ -269,9 +269,11 @@ class Child:
 
 
 class ChildFailed(Exception):
-    def __init__(self, child: Child, code: int):
-        meaning = CLIENT_EXITS.get(code, f"killed by signal {-code}" if code < 0 else "error")
-        super().__init__(f"{child.name} exited with code {code} ({meaning})")
+    """A child exited on its own with a code other than 0, or (the server) cannot work."""
+
+    def __init__(self, child: Child, code: int | None, reason: str = ""):
+        meaning = CLIENT_EXITS.get(code, f"killed by signal {-code}" if code and code < 0 else "error")
+        super().__init__(reason or f"{child.name} exited with code {code} ({meaning})")
         self.child, self.code = child, code
 
 
@@ -347,6 +349,8 @@ def _follow(children: list[Child], progress, *, started: float, timeout_s: float
             if code is not None and (code != 0 or c.name == "server"):
                 raise ChildFailed(c, code)
         progress.update()
+        if progress.server_failure:
+            raise ChildFailed(children[0], None, f"the server cannot run rounds: {progress.server_failure}")
         if all(c.poll() == 0 for c in silos):
             return
         if timeout_s and time.monotonic() - started > timeout_s:

@@ -66,6 +66,7 @@ class Progress:
     def __init__(self, layout, *, echo: Callable[[str], None], started: float, http_every_s: float = 2.0):
         self.layout, self.echo, self.started, self.http_every_s = layout, echo, started, http_every_s
         self.last: dict[str, str] = {}
+        self.server_failure = ""  # set when /readyz says the engine failed to load
         self.next_http = 0.0
         self.width = max(len(f"{n} ({a})") for n, a in layout.archs.items())
 
@@ -101,6 +102,8 @@ class Progress:
             code, body = self._get("/readyz")
             if code != 200:
                 reason = json.loads(body).get("reason", "")
+                if reason.startswith("engine failed to load"):
+                    self.server_failure = reason
                 return ("loading the LLM and measuring it" if reason == "engine is loading" else reason), ""
             subs = json.loads(self._get("/v1/submissions")[1])["submissions"]
             metrics = self._get("/metrics")[1]

@@ -59,6 +59,8 @@ class Worker:
             return False, f"engine failed to load: {self.load_error}"
         if not self.running:
             return False, "worker is not running"
+        if self.engine is not None and getattr(self.engine, "error", None):  # a load in the engine's own thread
+            return False, f"engine failed to load: {self.engine.error}"
         if self.engine is None or not self.engine.ready():
             return False, "engine is loading"
         return True, "ready"

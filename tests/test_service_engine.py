@@ -1,5 +1,6 @@
 """The engine registry and what the server does when an engine cannot load."""
 import json
+import time
 
 import pytest
 
@@ -38,6 +39,22 @@ def test_an_engine_that_fails_to_load_keeps_the_server_unready(tmp_path):
         assert status == 503
         assert json.loads(body)["reason"] == "engine failed to load: RuntimeError: no GPU memory left"
         assert http_get(s, "/healthz")[0] == 200
+    finally:
+        s.stop(grace=0.5)
+
+
+def test_an_llm_that_fails_to_load_in_the_background_says_so_on_readyz(tmp_path, tiny_sim_config, toy_task_path):
+    """The crosslm engine loads its LLM in a thread; a failure there must not read 'loading' forever."""
+    tiny_sim_config.write_text(tiny_sim_config.read_text().replace('[llm]\nmodel = "', '[llm]\nmodel = "/no/such'))
+    options = {"config": str(tiny_sim_config), "tasks": [str(toy_task_path)], "adapters_dir": str(tmp_path / "a")}
+    s = start_server(server_config(tmp_path / "srv"), engine_factory=lambda: create_engine("crosslm", options))
+    try:
+        for _ in range(200):
+            status, body = http_get(s, "/readyz")
+            if "failed" in body:
+                break
+            time.sleep(0.05)
+        assert status == 503 and json.loads(body)["reason"].startswith("engine failed to load: LLM failed to load")
     finally:
         s.stop(grace=0.5)
 
