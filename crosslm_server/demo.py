@@ -98,6 +98,11 @@ def prepare(settings: DemoSettings) -> Layout:
     if bad:
         raise ConfigError(f"silo architecture(s) {bad} cannot run in the silo daemon; use --archs with "
                           f"{', '.join(SILO_ARCHS)}")
+    if "mpnet4" in archs:
+        # assembled once into the cache here: two mpnet4 daemons starting together would race to build it
+        from crosslm_shared.assets import mpnet_dir
+
+        mpnet_dir()
     task = load_task(cfg.task)
     names = [f"silo-{c}" for c in string.ascii_lowercase[:settings.silos]]
     out.mkdir(parents=True, exist_ok=True)
