@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="zero-shot test texts per LLM measurement, 0 = all (default: 100, --quick 40)")
     de.add_argument("--llm-eval-docs", type=int, default=None,
                     help="general-corpus documents per perplexity measurement (default: 10, --quick 4)")
-    de.add_argument("--continue-epochs", type=int, default=1,
-                    help="epochs a silo continues a returned SLM on its private data (default: %(default)s)")
+    de.add_argument("--continue-epochs", type=int, default=None,
+                    help="epochs a silo continues a returned SLM on its private data and the returned synthetic "
+                         "set, best epoch kept (default: the config's [round.slm] max_epochs, as the study)")
     de.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="engine config override for the server and the split, e.g. --set round.update.gamma_kl=0")
     de.add_argument("--timeout", type=float, default=0,

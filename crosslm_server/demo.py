@@ -47,7 +47,7 @@ class DemoSettings:
     rounds: int | None = None             # rounds per silo (default: the config's rounds)
     llm_eval_texts: int = 100             # the LLM's zero-shot test texts measured per evaluation (0 = all)
     llm_eval_docs: int = 10               # general-corpus documents for its perplexity
-    continue_epochs: int = 1              # epochs a silo continues a returned SLM on its private data
+    continue_epochs: int | None = None    # epochs a silo continues a returned SLM (default: [round.slm] max_epochs)
     sets: tuple[str, ...] = ()            # engine config overrides, section.key=value
 
 
@@ -117,7 +117,7 @@ def prepare(settings: DemoSettings) -> Layout:
     header = report_header(cfg, config, task, demo={
         "silos": layout.archs, "rounds": cfg.rounds, "llm_eval_texts": settings.llm_eval_texts,
         "llm_eval_docs": settings.llm_eval_docs, "llm_eval_every": len(names),
-        "continue_epochs": settings.continue_epochs, "set": list(settings.sets)})
+        "continue_epochs": settings.continue_epochs or cfg.round.slm.max_epochs, "set": list(settings.sets)})
     return replace(layout, header=header)
 
 
@@ -199,11 +199,11 @@ ca = "certs/ca.pem"
 cert = "certs/{name}.pem"
 key = "certs/{name}.key"
 
-[train]                                       # the engine config's [round.slm] selection
+[train]                                       # the engine config's [round.slm], as crosslm simulate trains
 epochs = {slm.max_epochs}
 lrs = {_toml(list(slm.lrs))}
 batch_size = {slm.batch_size}
-continue_epochs = {settings.continue_epochs}
+continue_epochs = {slm.max_epochs if settings.continue_epochs is None else settings.continue_epochs}
 
 [rounds]
 count = {layout.rounds}

@@ -83,6 +83,7 @@ def build_report(silo_dirs: dict[str, Path], *, rounds: int, header: dict[str, A
                                      "adapter_version") if k in m},
                 "seconds_per_stage": {s: m.get(f"seconds_{s}", 0.0) for s in STAGES},
                 "acc": rep["test_accuracy_after"], "adopted": rep["kept"] == "enhanced",
+                "synthetic_returned": rep.get("synthetic_examples", 0), "selection": rep.get("selection", {}),
                 "seconds_silo": rep.get("seconds"), "upload_seconds": rep.get("upload_seconds"),
                 "download_seconds": rep.get("download_seconds")}
             if "llm_acc" in m:
@@ -166,9 +167,10 @@ def _notes(report: dict[str, Any], silo_dirs: dict[str, Path]) -> str:
   alone (learning rates {train.get('lrs', '?')}, the best epoch of {train.get('epochs', '?')} on its own held-out
   split): that model's accuracy on the silo's public test set ({' / '.join(map(str, tests))} examples per silo, drawn
   from the task's overall distribution, never trained on or used to choose a model) is **silo-only**. After each
-  round the silo continued the returned SLM on its private data ({train.get('continue_epochs', '?')} epoch(s), same
-  learning rates) and kept it only if it was better on its held-out split; **CrossLM rN** is the kept model on the
-  same test set.
+  round the silo continued the returned SLM on its private data plus the synthetic set that came back with it
+  ({train.get('continue_epochs', '?')} epochs, same learning rates, best by balanced accuracy on its held-out split)
+  and kept whichever of that and its current model was better there (ties to the newer); **CrossLM rN** is the
+  kept model on the same test set.
 - The LLM was measured by the server itself (engine `crosslm`) on {llm['eval_texts']} zero-shot test texts that no
   silo holds, and its perplexity on {llm['eval_docs']} general-corpus documents: at load, and after adapter versions
   {', '.join(str(e['after_update']) for e in llm['evaluations'])} (one update per submission). "After round r" is the

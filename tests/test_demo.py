@@ -87,10 +87,30 @@ def test_demo_runs_four_silos_and_writes_the_report(tmp_path, demo_config):
     md = (out / "report.md").read_text()
     assert "silo-only" in md and "How this was measured" in md and "ZeroGen" not in md
     text = "\n".join(lines)
-    assert "server: generating synthetic examples" in text or "server: updating the LLM" in text
+    for name in layout.archs:  # a line per change of each silo (what it shows in between depends on timing)
+        assert re.search(rf"{name} \(tiny\)\s+round 2/2: ", text) and re.search(rf"{name} .*finished all rounds", text)
     assert re.search(r"ready: 8/8 rounds done", text) and "report: " in text
     for name in layout.archs:  # every daemon finished, and said so in its status file
         assert json.loads((out / name / "status.json").read_text())["phase"] == "done"
+
+
+def test_progress_lines_say_which_stage_and_k_of_n():
+    from crosslm_server.demo_progress import describe
+
+    def server(event, **fields):
+        return describe({"phase": "server", "round": 1, "rounds": 2, "event": event, "fields": fields})
+
+    assert server("generating", done="48", total="64") == "round 1/2: server: generating synthetic examples 48/64"
+    assert server("training_llm", step="3", total="8", loss="0.7") == \
+        "round 1/2: server: updating the LLM (LoRA) step 3/8"
+    assert server("queued", position="2") == "round 1/2: queued on the server (position 2)"
+    assert server("evaluating_llm", texts="100", docs="10") == \
+        "round 1/2: server: measuring the LLM (100 zero-shot texts, 10 perplexity documents)"
+    assert server("failed", reason="boom").endswith("round FAILED on the server: boom")
+    assert describe({"phase": "training", "round": 0, "arch": "mpnet4", "examples": 96}) == \
+        "training its mpnet4 SLM on 96 private examples"
+    assert describe({"phase": "round done", "round": 2, "rounds": 2, "kept": "enhanced", "test_accuracy": 0.6125}) \
+        == "round 2/2: done, kept the enhanced SLM, test accuracy 61.3 %"
 
 
 def test_the_demo_configs_have_the_examples_shape(tmp_path, demo_config):
