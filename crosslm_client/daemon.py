@@ -189,7 +189,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
         texts, targets = read_synthetic(dest / SYNTHETIC_FILE, len(s.labels))
         synthetic = (texts, np.asarray(targets).reshape(-1, len(s.labels)))
         report["synthetic_examples"] = len(texts)
-    status("continuing", round_no, epochs=config.train.continue_epochs, synthetic=len(synthetic[0]) if synthetic else 0)
+    status("continuing", round_no, epochs=config.train.continue_epochs,
+           synthetic=len(synthetic[0]) if synthetic else 0)
     current = models.load(config, state.model_dir)
     chosen, info = models.continue_and_choose(config, current, models.load(config, dest), train, held, synthetic)
     adopted = bool(info["adopted"])

@@ -50,7 +50,9 @@ def describe(status: dict[str, Any]) -> str:
     if phase == "downloading":
         return f"{at}downloading the enhanced SLM ({_mb(status.get('bytes', 0))})"
     if phase == "continuing":
-        return f"{at}continuing the enhanced SLM on its private data"
+        synthetic = status.get("synthetic", 0)
+        return f"{at}continuing the enhanced SLM on its private data" + (
+            f" and {synthetic} returned synthetic examples" if synthetic else "")
     if phase == "evaluating":
         return f"{at}kept the enhanced SLM; measuring it on its public test set"
     if phase == "round done":
