@@ -2,7 +2,7 @@
 """Upload and download throughput of a large bundle, and the server's peak RSS, next to a raw
 grpcio stream of the same bytes, and the same transfers over mTLS, all measured in the same run.
 
-    .venv/bin/python benchmarks/bench_transfer.py --mib 256 [--out bench.json]
+    .venv/bin/python benchmarks/transfer.py --mib 256 [--out bench.json]
 
 The CrossLM server runs as a subprocess (`crosslm-server serve`, engine "echo", which hands the
 uploaded SLM back unchanged); the raw baseline is a bare grpcio server in another subprocess
