@@ -21,13 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crosslm_shared.certs import read_pem
 from crosslm_shared.errors import ConfigError, CrossLMError
-from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_server.engine_api import create_engine
 from crosslm_server.http import build_app
 from crosslm_server.metrics import Metrics
 from crosslm_server.server_config import ServerConfig, ServerSection
 from crosslm_server.service import CrossLMService, Limits
-from crosslm_server.servicer import CrossLMServicer
+from crosslm_server.servicer import CrossLMServicer, add_to_server
 from crosslm_server.store import MemoryStore, Store
 from crosslm_server.store_sqlite import SQLiteStore
 from crosslm_server.worker import Worker
@@ -165,10 +164,9 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
                ("grpc.keepalive_permit_without_calls", 1)]
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
                               options=options)
-    pb_grpc.add_CrossLMServicer_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
-                                                          idle_timeout_s=s.idle_timeout_s,
-                                                          max_uploads_per_silo=s.max_uploads_per_silo),
-                                          grpc_server)
+    add_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
+                                  idle_timeout_s=s.idle_timeout_s, max_uploads_per_silo=s.max_uploads_per_silo),
+                  grpc_server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", NOT_SERVING)
     health_servicer.set(SERVICE_NAME, NOT_SERVING)
