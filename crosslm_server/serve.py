@@ -155,7 +155,7 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
         engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))
     factory = engine_factory or (lambda: create_engine(config.engine.name, engine_options))
-    worker = Worker(service, factory)
+    worker = Worker(service, factory, nice=s.worker_nice)
     options = [("grpc.max_receive_message_length", s.max_message_bytes),
                ("grpc.max_send_message_length", s.max_message_bytes),
                ("grpc.keepalive_time_ms", s.keepalive_s * 1000),
