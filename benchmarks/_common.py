@@ -208,6 +208,17 @@ class Measure:
         self.rss_mib = {r.pid: r.growth_mib for r in self._rss}
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
 # ---- bundles ------------------------------------------------------------------------------
 def write_big_safetensors(path: Path, mib: int) -> None:
     """A valid safetensors file of about `mib` MiB of random F32, written block by block."""
@@ -258,6 +269,16 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
+
+
+def server_keys(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (VALUE as TOML) as extra `[server]` keys for `start_server`."""
+    import tomllib
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    return out
 
 
 @dataclass
