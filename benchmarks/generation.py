@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     # the naive way runs first and last; the better of the two is the baseline (load only slows)
     naive = max(naive_first, naive_last)
     rows.insert(0, ("naive (1 prompt at a time)", 1, naive))
+    print(f"device: {llm.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print_table(["mode", "batch", "tokens/s", "vs naive"],
+                [[name, bs, round(tps, 1), round(tps / naive, 2)] for name, bs, tps in rows],
+                title=f"generation, {tokens} new tokens per prompt")
+    sys.stdout.flush()
 
     texts = ["A quietly moving film with a superb central performance."] * 8
     labels = [1] * 8
@@ -91,10 +97,6 @@ def main(argv: list[str] | None = None) -> None:
         update_llm(llm, task, gen_prompts, texts, labels, [0.5] * 8, list(range(8)), cfg, seed=s)
     step_s = (time.perf_counter() - start) / steps
 
-    print(f"device: {llm.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    print_table(["mode", "batch", "tokens/s", "vs naive"],
-                [[name, bs, round(tps, 1), round(tps / naive, 2)] for name, bs, tps in rows],
-                title=f"generation, {tokens} new tokens per prompt")
     print(f"LoRA step (batch 8, L_gen + L_task + KL): {step_s:.2f} s/step, {8 / step_s:.2f} samples/s")
     top = rows[-1][2] / naive
     print(f"batched_vs_naive at batch {rows[-1][1]}: {top:.1f}x, goal >= {GOAL}x: {'met' if top >= GOAL else 'MISSED'}")
