@@ -42,6 +42,7 @@ class ServerSection:
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
     idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
     max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
+    worker_nice: int = 10               # niceness added to the round's threads (Linux): requests get the CPU first (0..19)
     log_level: LogLevel = "INFO"        # logging level of the server process
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class ServerSection:
             raise _bad("server", "max_queue", self.max_queue, ">= 1")
         if self.max_uploads_per_silo < 1:
             raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo, ">= 1")
+        if not 0 <= self.worker_nice <= 19:
+            raise _bad("server", "worker_nice", self.worker_nice, "0..19 (0 = the same priority as requests)")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
         if self.log_level not in get_args(LogLevel):

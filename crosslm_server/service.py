@@ -2,7 +2,7 @@
 
 Works on frozen records only (the servicer converts protobuf at the edge). Files on disk,
 under the server's data directory:
-    uploads/<upload_id>/<file>.part   bytes being received (fsynced after every chunk)
+    uploads/<upload_id>/<file>.part   bytes being received (fsynced every few MiB and at stream end)
     uploads/<upload_id>/<file>        a file whose SHA-256 matched
     bundles/<upload_id>/              a complete, validated bundle (renamed as one folder)
     results/<submission_id>/          the enhanced SLM, ready to download
@@ -127,13 +127,17 @@ class CrossLMService:
         folder.mkdir(parents=True, exist_ok=True)
         log.info("upload %s from silo %s: receiving (%d bytes in %d files)", upload.upload_id, upload.silo,
                  upload.manifest.total_size, len(upload.manifest.files))
-        for chunk in chunks:  # protocol errors here refuse the stream but keep what is committed
-            part = self._partial(upload, folder, chunk.file)
-            part.write(chunk)
-            self.metrics.bytes_in.inc(len(chunk.data))
-            if part.done:
-                self._verified(upload, folder, part.finish)
-                self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
+        try:
+            for chunk in chunks:  # protocol errors here refuse the stream but keep what is committed
+                part = self._partial(upload, folder, chunk.file)
+                part.write(chunk)
+                self.metrics.bytes_in.inc(len(chunk.data))
+                if part.done:
+                    self._verified(upload, folder, part.finish)
+                    self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
+        finally:  # the stream ended: what it wrote is made durable, file handles are released
+            for part in self._partials.get(upload.upload_id, {}).values():
+                part.close()
         if not all((folder / f.name).exists() or f.size == 0 for f in upload.manifest.files):
             return upload, self.committed(upload)
         for f in upload.manifest.files:
@@ -166,7 +170,8 @@ class CrossLMService:
         return files[name]
 
     def _discard(self, upload: Upload, folder: Path) -> None:
-        self._partials.pop(upload.upload_id, None)
+        for part in self._partials.pop(upload.upload_id, {}).values():
+            part.close()
         shutil.rmtree(folder, ignore_errors=True)
         self.store.delete_upload(upload.upload_id)
         self.metrics.uploads.labels("rejected").inc()

@@ -22,13 +22,14 @@ from crosslm_shared.errors import (AssetMissingError, BundleError, ConfigError, 
                                    ResourceExhaustedError)
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
-from crosslm_shared.transfer import IdleWatchdog
+from crosslm_shared.transfer import Chunk, IdleWatchdog
 from crosslm_server.metrics import Metrics
 from crosslm_server.service import CrossLMService, InvalidRequestError, StoppingError, UnauthenticatedError
 from crosslm_server.store import UploadConflictError
 
 log = logging.getLogger(__name__)
 SILO_METADATA_KEY = "x-crosslm-silo"
+SERVICE = pb.DESCRIPTOR.services_by_name["CrossLM"].full_name  # "crosslm.v1.CrossLM"
 _SILO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Most specific first: the first matching class decides the code.
@@ -144,7 +145,7 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
 
     def _upload(self, silo: str, request_iterator, context):
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if not isinstance(first, pb.UploadRequest) or first.WhichOneof("kind") != "header":
             raise InvalidRequestError("the first Upload message must be an UploadHeader (upload_id + manifest)")
         manifest = convert.manifest_from_pb(first.header.manifest)
         gauge = self.metrics.active_transfers.labels("upload")
@@ -161,11 +162,11 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
 
     @staticmethod
     def _chunks(request_iterator, watchdog: IdleWatchdog) -> Iterator:
-        for msg in request_iterator:
+        for msg in request_iterator:  # Chunks, or protobuf for anything else (`add_to_server`)
             watchdog.kick()
-            if msg.WhichOneof("kind") != "chunk":
+            if not isinstance(msg, Chunk):
                 raise InvalidRequestError("only the first Upload message may be a header; send chunks after it")
-            yield convert.chunk_from_pb(msg.chunk)
+            yield msg
 
     @_mapped
     def QueryUpload(self, request, context):
@@ -190,9 +191,9 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
         gauge = self.metrics.active_transfers.labels("download")
         gauge.inc()
         try:
-            for chunk in chunks:
+            for chunk in chunks:  # encoded by convert.chunk_to_wire (`add_to_server`)
                 self.metrics.bytes_out.inc(len(chunk.data))
-                yield convert.chunk_to_pb(chunk)
+                yield chunk
         finally:
             gauge.dec()
 
@@ -204,3 +205,33 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
     def ListSubmissions(self, request, context):
         subs = self.service.list_submissions(self.identify(context))
         return pb.ListSubmissionsResponse(submissions=[convert.submission_to_pb(s) for s in subs])
+
+
+def add_to_server(servicer: CrossLMServicer, server: grpc.Server) -> None:
+    """Register the servicer: the generated protobuf codecs, except the chunk fast path of
+    Upload requests and Download responses (`crosslm_shared.convert`, same bytes on the wire)."""
+    handlers = {
+        "Upload": grpc.stream_unary_rpc_method_handler(
+            servicer.Upload, request_deserializer=convert.upload_request_from_wire,
+            response_serializer=pb.UploadStatus.SerializeToString),
+        "QueryUpload": grpc.unary_unary_rpc_method_handler(
+            servicer.QueryUpload, request_deserializer=pb.QueryUploadRequest.FromString,
+            response_serializer=pb.UploadStatus.SerializeToString),
+        "Submit": grpc.unary_unary_rpc_method_handler(
+            servicer.Submit, request_deserializer=pb.SubmitRequest.FromString,
+            response_serializer=pb.Submission.SerializeToString),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request_deserializer=pb.WatchRequest.FromString,
+            response_serializer=pb.Event.SerializeToString),
+        "Download": grpc.unary_stream_rpc_method_handler(
+            servicer.Download, request_deserializer=pb.DownloadRequest.FromString,
+            response_serializer=convert.chunk_to_wire),
+        "GetSubmission": grpc.unary_unary_rpc_method_handler(
+            servicer.GetSubmission, request_deserializer=pb.GetSubmissionRequest.FromString,
+            response_serializer=pb.Submission.SerializeToString),
+        "ListSubmissions": grpc.unary_unary_rpc_method_handler(
+            servicer.ListSubmissions, request_deserializer=pb.ListSubmissionsRequest.FromString,
+            response_serializer=pb.ListSubmissionsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

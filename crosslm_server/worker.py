@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,8 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, service: CrossLMService, engine_factory: Callable[[], Engine], *, poll_s: float = 1.0):
-        self.service, self.engine_factory, self.poll_s = service, engine_factory, poll_s
+    def __init__(self, service: CrossLMService, engine_factory: Callable[[], Engine], *, poll_s: float = 1.0,
+                 nice: int = 0):
+        """`nice`: added to the worker thread's niceness (Linux: per thread), so the threads it
+        starts (the engine's loader, torch's compute threads) inherit it and the gRPC and HTTP
+        threads of the process get the CPU first when they need it."""
+        self.service, self.engine_factory, self.poll_s, self.nice = service, engine_factory, poll_s, nice
         self.engine: Engine | None = None
         self.load_error: str = ""
         self.current: str | None = None
@@ -67,6 +72,7 @@ class Worker:
 
     # ---- loop -----------------------------------------------------------------------------
     def _run(self) -> None:
+        _lower_priority(self.nice)
         try:
             self.engine = self.engine_factory()
         except Exception as e:  # noqa: BLE001 - any load failure is reported on /readyz
@@ -202,3 +208,15 @@ def _number(value: Any) -> float | None:
     except ValueError:
         return None
     return number if number == number and abs(number) != float("inf") else None
+
+
+def _lower_priority(nice: int) -> None:
+    """Add `nice` to this thread's niceness; threads it creates later inherit it (Linux only:
+    elsewhere setpriority would renice the whole process, gRPC and HTTP threads included)."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:
+        log.warning("worker: could not lower its priority by %d (%s); rounds compete with requests", nice, e)

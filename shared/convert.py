@@ -55,6 +55,118 @@ def chunk_from_pb(msg: pb.Chunk) -> Chunk:
     return Chunk(file=msg.file, offset=msg.offset, data=msg.data, crc32c=msg.crc32c)
 
 
+# ---- the chunk fast path ---------------------------------------------------------------------
+# Upload and Download move a model as 1 MiB chunks. Through protobuf objects each chunk's bytes
+# are copied twice more than a bare grpc stream copies them (build + serialize; parse + read
+# the field), which cost CrossLM over half its throughput (docs/performance.md). These codecs
+# are the grpc (de)serializers of those two calls: they write exactly protobuf's encoding of the
+# same message, and read a chunk's data, with one copy each. Any message they do not expect
+# (a header, unknown fields, malformed bytes) goes through protobuf.
+_CHUNK_IN_REQUEST = 0x12  # UploadRequest.chunk: field 2, length-delimited
+_FILE, _OFFSET, _DATA, _CRC = 0x0A, 0x10, 0x1A, 0x20  # Chunk fields 1-4 with their wire types
+
+
+class _NotFastPath(Exception):
+    pass
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+    raise _NotFastPath
+
+
+def _chunk_wire_parts(c: Chunk) -> tuple[bytes, bytes | memoryview, bytes]:
+    """(head, data, tail) of protobuf's encoding of a Chunk: fields in order, defaults left out."""
+    name = c.file.encode()
+    head = bytes([_FILE]) + _varint(len(name)) + name if name else b""
+    head += bytes([_OFFSET]) + _varint(c.offset) if c.offset else b""
+    head += bytes([_DATA]) + _varint(len(c.data)) if len(c.data) else b""
+    tail = bytes([_CRC]) + _varint(c.crc32c) if c.crc32c else b""
+    return head, c.data, tail
+
+
+def chunk_to_wire(c: Chunk | pb.Chunk) -> bytes:
+    """A Download response: the encoding of pb.Chunk, with one copy of the data."""
+    if isinstance(c, pb.Chunk):
+        return c.SerializeToString()
+    return b"".join(_chunk_wire_parts(c))
+
+
+def upload_request_to_wire(m: Chunk | pb.UploadRequest) -> bytes:
+    """An Upload message: a header as protobuf writes it; a chunk as UploadRequest{chunk}, one copy."""
+    if isinstance(m, pb.UploadRequest):
+        return m.SerializeToString()
+    head, data, tail = _chunk_wire_parts(m)
+    size = len(head) + len(data) + len(tail)
+    return b"".join((bytes([_CHUNK_IN_REQUEST]) + _varint(size) + head, data, tail))
+
+
+def _parse_chunk(raw: bytes, pos: int, end: int) -> Chunk:
+    file, offset, data, crc = "", 0, b"", 0
+    while pos < end:
+        tag = raw[pos]
+        if tag == _DATA or tag == _FILE:
+            n, start = _read_varint(raw, pos + 1, end)
+            if start + n > end:
+                raise _NotFastPath
+            if tag == _DATA:
+                data = raw[start:start + n]  # the one copy: google-crc32c's C code takes bytes only
+            else:
+                try:
+                    file = raw[start:start + n].decode()
+                except UnicodeDecodeError as e:
+                    raise _NotFastPath from e
+            pos = start + n
+        elif tag == _OFFSET or tag == _CRC:
+            value, pos = _read_varint(raw, pos + 1, end)
+            if tag == _CRC:
+                crc = value & 0xFFFFFFFF  # protobuf keeps the low 32 bits of a uint32 varint
+            elif value >> 64:
+                raise _NotFastPath
+            else:
+                offset = value
+        else:
+            raise _NotFastPath
+    return Chunk(file=file, offset=offset, data=data, crc32c=crc)
+
+
+def chunk_from_wire(raw: bytes) -> Chunk:
+    """A Download response as a Chunk."""
+    try:
+        return _parse_chunk(raw, 0, len(raw))
+    except _NotFastPath:
+        return chunk_from_pb(pb.Chunk.FromString(raw))
+
+
+def upload_request_from_wire(raw: bytes) -> Chunk | pb.UploadRequest:
+    """An Upload message: a chunk as a Chunk, anything else as protobuf."""
+    try:
+        if raw[:1] == bytes([_CHUNK_IN_REQUEST]):
+            size, start = _read_varint(raw, 1, len(raw))
+            if start + size == len(raw):
+                return _parse_chunk(raw, start, len(raw))
+    except _NotFastPath:
+        pass
+    msg = pb.UploadRequest.FromString(raw)
+    return chunk_from_pb(msg.chunk) if msg.WhichOneof("kind") == "chunk" else msg
+
+
 def upload_status_to_pb(upload: Upload, committed: Mapping[str, int]) -> pb.UploadStatus:
     files = [pb.FileProgress(name=f.name, committed=committed.get(f.name, 0), size=f.size)
              for f in upload.manifest.files]

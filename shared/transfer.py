@@ -1,8 +1,8 @@
 """Chunked, resumable file transfer, independent of gRPC.
 
 Both sides read and write lazily: a sender yields one chunk at a time from disk, a receiver
-appends each chunk to a `.part` file, hashes it as it arrives, fsyncs, and renames the file
-into place only after its SHA-256 matched. Memory stays at about one chunk, whatever the
+appends each chunk to a `.part` file, hashes it as it arrives (on a helper thread), fsyncs
+every few MiB, and renames the file into place only after its SHA-256 matched. Memory stays at about one chunk, whatever the
 model size. Chunks carry a CRC-32C (Castagnoli, via google-crc32c's C implementation) so a
 corrupt chunk is refused before it touches the file.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ MIN_CHUNK_SIZE = 256 * KiB
 MAX_CHUNK_SIZE = 4 * MiB
 PART_SUFFIX = ".part"
 _HASH_BLOCK = 1 * MiB
+SYNC_EVERY = 8 * MiB  # a durable .part file is fsynced after this many bytes (and when its stream ends)
+_INLINE_HASH_BYTES = 64 * KiB
 
 
 class ChunkError(BundleError):
@@ -66,35 +69,86 @@ def iter_chunks(path: Path, *, name: str | None = None, offset: int = 0,
             offset += len(data)
 
 
-class PartialFile:
-    """A file being received: `<final>.part`, appended in order, hashed incrementally.
+class _BackgroundSha256:
+    """SHA-256 fed on a helper thread, so the receiving thread takes the next chunk meanwhile.
 
-    Contract: `committed` is the number of bytes durably on disk (fsynced); a chunk is
-    accepted only at exactly that offset and with a matching CRC; `finish()` renames the
-    file to its final name only when size and SHA-256 match, and deletes it otherwise.
+    hashlib releases the GIL on large buffers, so the hash runs on another core. At most
+    `depth` chunks wait (memory stays at a few chunks); `hexdigest()` waits for them.
+    Small updates while the thread is idle are hashed inline.
     """
 
-    def __init__(self, final: Path, *, size: int, sha256: str):
+    def __init__(self, h=None, *, depth: int = 4):
+        self._h = h or hashlib.sha256()
+        self._depth = depth
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+
+    def update(self, data) -> None:
+        if self._thread is None and len(data) < _INLINE_HASH_BYTES:
+            self._h.update(data)
+            return
+        if self._thread is None:
+            self._queue = queue.Queue(self._depth)
+            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def _run(self, q: queue.Queue) -> None:
+        while (data := q.get()) is not None:
+            self._h.update(data)
+
+    def drain(self) -> None:
+        """Wait until every chunk given so far is hashed; stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
+
+    def hexdigest(self) -> str:
+        self.drain()
+        return self._h.hexdigest()
+
+
+class PartialFile:
+    """A file being received: `<final>.part`, appended in order, hashed as it arrives.
+
+    Contract: `committed` is the number of bytes written to the `.part` file: they survive a
+    crash of this process at once (the OS holds them); with `durable` they are fsynced every
+    `sync_every` bytes and on `close()`, so an OS crash loses at most the last `sync_every`
+    bytes, and a resume starts from the shorter file (the final SHA-256 check stands guard
+    either way). A chunk is accepted only at exactly `committed` and with a matching CRC;
+    `finish()` renames the file to its final name only when size and SHA-256 match, and
+    deletes it otherwise. Call `close()` when a stream ends without finishing: it syncs and
+    releases the file handle and the hashing thread (a later `write` reopens them).
+    """
+
+    def __init__(self, final: Path, *, size: int, sha256: str, durable: bool = True,
+                 sync_every: int = SYNC_EVERY):
         self.final = final
         self.part = final.with_name(final.name + PART_SUFFIX)
         self.size = size
         self.sha256 = sha256
-        self._hash = hashlib.sha256()
+        self.durable, self.sync_every = durable, sync_every
+        self._hash = _BackgroundSha256()
+        self._fd: int | None = None
+        self._unsynced = 0
         self.committed = 0
         if self.part.exists():
             self._rehash_existing()
 
     def _rehash_existing(self) -> None:
         """Rebuild the running hash from the bytes already on disk (after a restart)."""
+        h = hashlib.sha256()
         with self.part.open("rb") as f:
             while block := f.read(_HASH_BLOCK):
-                self._hash.update(block)
+                h.update(block)
                 self.committed += len(block)
+        self._hash = _BackgroundSha256(h)
         if self.committed > self.size:
             self.part.unlink()
-            self._hash, self.committed = hashlib.sha256(), 0
+            self._hash, self.committed = _BackgroundSha256(), 0
 
-    def write(self, chunk: Chunk, *, sync: bool = True) -> None:
+    def write(self, chunk: Chunk) -> None:
         if chunk.offset != self.committed:
             raise OffsetError(f"file {chunk.file!r}: chunk at offset {chunk.offset} but "
                               f"{self.committed} bytes are committed; resume from {self.committed}")
@@ -104,14 +158,29 @@ class PartialFile:
         if self.committed + len(chunk.data) > self.size:
             raise ChunkError(f"file {chunk.file!r}: chunk at offset {chunk.offset} runs past the "
                              f"manifest size {self.size}")
-        self.part.parent.mkdir(parents=True, exist_ok=True)
-        with self.part.open("ab") as f:
-            f.write(chunk.data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+        if self._fd is None:
+            self.part.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        view = memoryview(chunk.data)
+        while view:
+            view = view[os.write(self._fd, view):]
         self._hash.update(chunk.data)
         self.committed += len(chunk.data)
+        self._unsynced += len(chunk.data)
+        if self.durable and self._unsynced >= self.sync_every:
+            os.fsync(self._fd)
+            self._unsynced = 0
+
+    def close(self) -> None:
+        """Make what was written durable (if `durable`) and release the file and the hash thread."""
+        if self._fd is not None:
+            try:
+                if self.durable and self._unsynced:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd, self._unsynced = None, 0
+        self._hash.drain()
 
     @property
     def done(self) -> bool:
@@ -121,6 +190,7 @@ class PartialFile:
         """Verify and rename into place; on a hash mismatch delete the bytes and raise."""
         if not self.done:
             raise OffsetError(f"file {self.final.name!r} has {self.committed} of {self.size} bytes")
+        self.close()
         if self.size == 0:
             self.part.parent.mkdir(parents=True, exist_ok=True)
             self.part.touch()

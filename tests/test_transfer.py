@@ -58,3 +58,50 @@ def test_hash_mismatch_leaves_nothing(tmp_path):
     with pytest.raises(BundleError, match="SHA-256"):
         part.finish()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_durable_file_is_fsynced_every_few_mib_and_when_closed(tmp_path, monkeypatch):
+    import crosslm_shared.transfer as transfer
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(transfer.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    data = os.urandom(5 * MIN_CHUNK_SIZE)
+    final = tmp_path / "f"
+    part = PartialFile(final, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                       sync_every=2 * MIN_CHUNK_SIZE)
+    chunks = list(iter_chunks_of(data, MIN_CHUNK_SIZE))
+    for c in chunks[:3]:
+        part.write(c)
+    assert len(synced) == 1  # after 2 chunks; the third waits
+    part.close()  # a stream ended: what it wrote is durable, the handle released
+    assert len(synced) == 2 and part._fd is None
+    for c in chunks[3:]:  # the next stream reopens
+        part.write(c)
+    assert part.finish().read_bytes() == data
+
+
+def test_not_durable_never_fsyncs_the_file(tmp_path, monkeypatch):
+    import crosslm_shared.transfer as transfer
+    files = []
+    monkeypatch.setattr(transfer.os, "fsync", lambda fd: files.append(fd))
+    data = os.urandom(3 * MIN_CHUNK_SIZE)
+    part = PartialFile(tmp_path / "f", size=len(data), sha256=hashlib.sha256(data).hexdigest(), durable=False,
+                       sync_every=MIN_CHUNK_SIZE)
+    for c in iter_chunks_of(data, MIN_CHUNK_SIZE):
+        part.write(c)
+    part.close()
+    assert files == []
+
+
+def test_hashing_on_a_thread_equals_hashlib(tmp_path):
+    data = os.urandom(7 * MIN_CHUNK_SIZE + 5)
+    part = PartialFile(tmp_path / "f", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    for c in iter_chunks_of(data, MIN_CHUNK_SIZE):
+        part.write(c)
+    assert part.finish().read_bytes() == data  # finish() checked the digest
+
+
+def iter_chunks_of(data: bytes, size: int):
+    for offset in range(0, len(data), size):
+        block = data[offset:offset + size]
+        yield Chunk("f", offset, block, crc32c(block))
