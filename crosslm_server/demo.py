@@ -303,7 +303,12 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run(layout: Layout, *, timeout_s: float = 0, echo: Callable[[str], None] = print) -> int:
+def _echo(line: str) -> None:
+    """Progress lines reach a pipe (``| tee``, a test) as they happen, not when a buffer fills."""
+    print(line, flush=True)
+
+
+def run(layout: Layout, *, timeout_s: float = 0, echo: Callable[[str], None] = _echo) -> int:
     """Start the server and the silos, follow them to the end, write the report. Returns the exit code."""
     from crosslm_server.demo_progress import Progress
 
