@@ -203,3 +203,24 @@ def test_a_server_whose_llm_cannot_load_fails_the_demo_with_the_reason(tmp_path,
                echo=lines.append) == EXIT_FAILED
     text = "\n".join(lines)
     assert "FAILED: the server cannot run rounds: engine failed to load" in text and "/no/such/llm" in text
+
+
+def test_the_quick_demo_differs_from_the_full_one_only_in_counts():
+    """examples/demo-quick.toml is examples/rt-4silo.toml with smaller counts, nothing else."""
+    from crosslm_server.config import as_dict, load_config
+
+    counts = {("split", "n_private"), ("split", "n_test"), ("split", "n_llm_test"), ("split", "n_judge"),
+              ("round.generate", "per_label"), ("round.generate", "batch_size"), ("round.generate", "max_new_tokens"),
+              ("round.slm", "lrs"), ("round.slm", "max_epochs"), ("eval", "n_ppl_docs"), ("eval", "ppl_max_tokens"),
+              ("eval", "judge_per_label")}
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}.{key}" if prefix else key)
+            else:
+                yield (prefix, key), value
+
+    quick = dict(flat(as_dict(load_config(ROOT / "examples" / "demo-quick.toml"))))
+    full = dict(flat(as_dict(load_config(ROOT / "examples" / "rt-4silo.toml"))))
+    assert {k: v for k, v in quick.items() if k not in counts} == {k: v for k, v in full.items() if k not in counts}
