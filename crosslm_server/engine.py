@@ -68,8 +68,9 @@ class CrossLMEngine:
     - ``eval_every``: measure the LLM after every N-th adapter version (default 1);
     - ``background``: load the LLM in a thread (default true);
     - ``threads``: torch compute threads for rounds (default 0: torch's choice, every core). On a
-      small CPU server, one core fewer keeps uploads at full speed during a round (measured on
-      2 cores: 0.91 of idle upload throughput with 1 thread, 0.57 with 2; docs/performance.md).
+      CPU server shared with other work, fewer threads than cores leave CPU to the request
+      threads and keep torch's threads from spinning while a partner waits for a CPU
+      (docs/performance.md).
     """
 
     def __init__(self, *, config: str | None = None, tasks: list[str] | None = None,
