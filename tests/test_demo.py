@@ -7,6 +7,7 @@ offline models.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -181,6 +182,8 @@ def test_ctrl_c_stops_every_child(tmp_path, demo_config):
 
 @pytest.mark.slow
 @pytest.mark.e2e
+@pytest.mark.skipif(not os.environ.get("CROSSLM_DEMO_E2E"),
+                    reason="the real-model demo (budget 4 min idle, not yet timed idle): CROSSLM_DEMO_E2E=1 runs it")
 def test_demo_quick_on_the_real_models(tmp_path):
     """`crosslm demo --quick`: four silos, MiniLM and MPNet-4L, the real SmolLM2; ≤ 4 minutes idle."""
     out = tmp_path / "quick"
