@@ -316,6 +316,8 @@ def run(layout: Layout, *, timeout_s: float = 0, echo: Callable[[str], None] = _
     cpus = os.cpu_count() or 2
     children: list[Child] = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # a process started from a background job inherits SIGINT ignored; the demo answers it anyway
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         children.append(Child("server", _command("crosslm-server", "crosslm_server.server_cli", "serve", "--config",
                                                   str(layout.server_toml)),
@@ -346,6 +348,7 @@ def run(layout: Layout, *, timeout_s: float = 0, echo: Callable[[str], None] = _
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     _stop_all(children)
     return _report(layout, time.monotonic() - started, echo)
 
