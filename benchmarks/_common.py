@@ -460,3 +460,14 @@ def folded_top(path: Path, *, n: int = 15, thread: str | None = None) -> list[tu
             totals[frame] = totals.get(frame, 0) + c
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
     return [(frame, round(100 * c / grand, 1)) for frame, c in top] if grand else []
+
+
+def setup_torch(threads: int = 0) -> None:
+    """Torch compute threads (0 = torch's choice) and quiet transformers logs, for the model benchmarks."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from _common import base_parser, emit_json, load_avg, machine, print_table
+from _common import base_parser, emit_json, load_avg, machine, print_table, setup_torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GOAL = 8.0  # batched_vs_naive at batch 32
@@ -39,12 +39,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load0 = load_avg()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    setup_torch(args.threads)
     from crosslm_server.llm import LLMConfig, load_llm
     from crosslm_server.llm_update import UpdateConfig, update_llm
     from crosslm_server.prompts import generation_prompt

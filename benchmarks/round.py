@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import REPO, base_parser, emit_json, load_avg, machine, print_table, ratio  # noqa: E402
+from _common import REPO, base_parser, emit_json, load_avg, machine, print_table, ratio, setup_torch  # noqa: E402
 
 GOAL_S = 180.0
 STAGES = ("generate", "score", "filter", "update_llm", "enhance_slm")
@@ -62,12 +62,8 @@ def reference_s(llm, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load0 = load_avg()
+    setup_torch(args.threads)
     import torch
-    import transformers
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     from crosslm_server.config import load_config
     from crosslm_server.llm import load_llm
     from crosslm_server.round import run_round
