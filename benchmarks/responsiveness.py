@@ -23,7 +23,6 @@ its threads were runnable but had no CPU) per second of each window.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_demo(args)
     if args.command == "check":
         return _check(args)
+    from crosslm_shared.logs import quiet_ml_logging
+
+    quiet_ml_logging()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,9 @@ def setup_logging(verbose: bool, *, ml: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not ml:  # commands that load no model need not pay for importing transformers
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
+    from crosslm_shared.logs import quiet_ml_logging
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_ml_logging()
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -88,7 +81,7 @@ def _example(name: str) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     from crosslm_server.demo import DemoSettings, prepare, run
 
-    config = Path(args.config) if args.config else _example("demo-quick.toml" if args.quick else "rt-4silo.toml")
+    config = Path(args.config) if args.config else _example("demo-quick.toml" if args.quick else "demo.toml")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = DemoSettings(
         config=config, out=out, silos=args.silos, rounds=args.rounds,
@@ -156,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "show their progress, write a report with plots")
     de.add_argument("--quick", action="store_true",
                     help="small counts on the same real models (examples/demo-quick.toml; about 4 minutes on 2 "
-                         "CPU cores) instead of examples/rt-4silo.toml (about 15)")
+                         "CPU cores) instead of examples/demo.toml (about 15)")
     de.add_argument("--out", default=None, help="run folder, empty or absent (default: runs/demo-<date>-<time>)")
     de.add_argument("--config", default=None,
-                    help="engine config: task, split, LLM, rounds, SLM selection (default: examples/rt-4silo.toml, "
+                    help="engine config: task, split, LLM, rounds, SLM selection (default: examples/demo.toml, "
                          "or examples/demo-quick.toml with --quick)")
     de.add_argument("--silos", type=int, default=4,
                     help="silo daemons, named silo-a, silo-b, ... (default: %(default)s)")
@@ -183,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a demo's report.json, report.md and plots from its silos' round reports "
                              "(what `crosslm demo` does at its end; the compose `report` service)")
     dr.add_argument("silos", nargs="+", metavar="NAME=FOLDER", help="each silo's output_dir (holding reports/)")
-    dr.add_argument("--config", default="examples/rt-4silo.toml",
+    dr.add_argument("--config", default="examples/demo.toml",
                     help="the engine config the server ran (default: %(default)s)")
     dr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="the server's engine overrides")
     dr.add_argument("--rounds", type=int, default=None, help="rounds to report (default: what every silo finished)")

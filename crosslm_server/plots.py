@@ -121,7 +121,9 @@ def report_plots(report: dict, out: Path) -> list[str]:
     paths.append(_save(fig, out / "llm_per_round.png"))
     # kept fraction and reward histogram per round
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.bar([r["round"] for r in rounds], [100 * r["kept"] / max(1, r["generated"]) for r in rounds], color="C2")
+    bars = a1.bar([r["round"] for r in rounds], [100 * r["kept"] / max(1, r["generated"]) for r in rounds], color="C2")
+    a1.bar_label(bars, labels=[f"{r['kept']} of {r['generated']}" for r in rounds], padding=2)
+    a1.margins(y=0.12)
     a1.set_xlabel("round")
     a1.set_ylabel("kept / generated (%)")
     a1.set_title("Filter: kept fraction")

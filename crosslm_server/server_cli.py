@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.server.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.engine.name == "crosslm":
+        from crosslm_shared.logs import quiet_ml_logging
+
+        quiet_ml_logging()
     try:
         return serve(config)
     except CrossLMError as e:

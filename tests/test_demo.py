@@ -208,8 +208,9 @@ def test_a_server_whose_llm_cannot_load_fails_the_demo_with_the_reason(tmp_path,
     assert "FAILED: the server cannot run rounds: engine failed to load" in text and "/no/such/llm" in text
 
 
-def test_the_quick_demo_differs_from_the_full_one_only_in_counts():
-    """examples/demo-quick.toml is examples/rt-4silo.toml with smaller counts, nothing else."""
+@pytest.mark.parametrize("demo", ["demo.toml", "demo-quick.toml"])
+def test_the_demos_differ_from_the_study_settings_only_in_counts(demo):
+    """examples/demo.toml and demo-quick.toml are examples/rt-4silo.toml with smaller counts, nothing else."""
     from crosslm_server.config import as_dict, load_config
 
     counts = {("split", "n_private"), ("split", "n_test"), ("split", "n_llm_test"), ("split", "n_judge"),
@@ -224,6 +225,6 @@ def test_the_quick_demo_differs_from_the_full_one_only_in_counts():
             else:
                 yield (prefix, key), value
 
-    quick = dict(flat(as_dict(load_config(ROOT / "examples" / "demo-quick.toml"))))
+    quick = dict(flat(as_dict(load_config(ROOT / "examples" / demo))))
     full = dict(flat(as_dict(load_config(ROOT / "examples" / "rt-4silo.toml"))))
     assert {k: v for k, v in quick.items() if k not in counts} == {k: v for k, v in full.items() if k not in counts}
