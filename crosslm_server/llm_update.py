@@ -6,6 +6,11 @@ L = γ1·L_gen + γ2·L_task + γ3·L_reg (DESIGN.md §2 step 3):
   prompt is masked), A the per-label standardised reward, held constant;
 - L_task = class-balanced cross-entropy of the label over the verbalizers' tokens only (a
   softmax restricted to the label words, not the whole vocabulary), on the kept samples;
+  with ``task_centering`` (the default) each label's logit is centred over the step's
+  samples first, so the loss is blind to a shift of one label's logit on every text: it
+  can teach the LLM to tell the labels apart, not to answer one label more often (measured
+  without it: the rate of "negative" answers went 72.5 % → 32.5 % in two rounds, raw
+  zero-shot accuracy 87.5 % → 62.5 %, `crosslm demo --quick`);
 - L_reg = token-level KL(G_θ ‖ G_0) on the same generated tokens, G_0 being the same
   model with the adapter disabled (no second copy held).
 """
@@ -35,6 +40,7 @@ class UpdateConfig:
     epochs: int = 1
     batch_size: int = 8
     max_length: int = 160  # prompt + text tokens per training sequence
+    task_centering: bool = True  # L_task on label logits centred over the step's samples (bias-blind)
 
     def __post_init__(self) -> None:
         if min(self.gamma_gen, self.gamma_task, self.gamma_kl) < 0:
@@ -87,9 +93,12 @@ def gen_terms(model, batch: GenBatch, advantage: torch.Tensor, *, with_kl: bool)
 
 
 def task_term(model, tokenizer, task: TaskSpec, texts: Sequence[str], labels: Sequence[int],
-              verb_ids: list[int], class_weight: torch.Tensor) -> torch.Tensor:
-    """Class-balanced CE over the verbalizer tokens only."""
+              verb_ids: list[int], class_weight: torch.Tensor, *, centered: bool = False) -> torch.Tensor:
+    """Class-balanced CE over the verbalizer tokens only; ``centered``: on each label's logit
+    minus its mean over these texts, which no constant shift of a label's logit can lower."""
     logits = label_logits(model, tokenizer, task, texts, verb_ids)
+    if centered:
+        logits = logits - logits.mean(0, keepdim=True)
     y = torch.as_tensor(list(labels), dtype=torch.long, device=logits.device)
     return torch.nn.functional.cross_entropy(logits, y, weight=class_weight.to(logits.device))
 
@@ -141,7 +150,7 @@ def update_llm(llm: LLM, task: TaskSpec, prompts: Sequence[str], texts: Sequence
             t_idx = keep_order[s * per_step_keep:(s + 1) * per_step_keep]
             if cfg.gamma_task > 0 and t_idx:
                 l_task = task_term(model, llm.tokenizer, task, [texts[i] for i in t_idx],
-                                   [labels[i] for i in t_idx], verb, weights)
+                                   [labels[i] for i in t_idx], verb, weights, centered=cfg.task_centering)
                 loss = loss + cfg.gamma_task * l_task
             if loss.requires_grad:
                 loss.backward()

@@ -28,6 +28,7 @@ ABLATIONS: dict[str, list[str]] = {
     "no_task_loss": ["round.update.gamma_task=0"],
     "submitter_reward": ['round.reward_from="submitter"'],
     "hard_labels": ['round.enhance.labels="hard"'],
+    "uncentred_task_loss": ["round.update.task_centering=false"],
 }
 BASELINES = ("silo_only", "zerogen")
 

@@ -108,3 +108,48 @@ def test_task_loss_raises_the_right_label_word(llm, task):
     idx = torch.arange(8)
     y = torch.tensor(labels)
     assert after[idx, y].mean() > before[idx, y].mean()
+
+
+def test_centred_task_loss_is_blind_to_a_label_bias_and_the_plain_one_is_not(llm, task, monkeypatch):
+    """A constant added to one label's logit on every text (answering that label more often)
+    changes the plain task loss but not the centred one: the centred loss can only be lowered
+    by telling the labels apart."""
+    import crosslm_server.llm_update as lu
+
+    verb = verbalizer_ids(llm.tokenizer, task)
+    texts, labels = ["good film", "bad film", "fine plot", "dull plot"], [1, 0, 1, 0]
+    w = class_weights(labels, task.num_labels)
+    real = lu.label_logits
+
+    def losses(shift: float) -> tuple[float, float]:
+        def shifted(*args, **kwargs):
+            out = real(*args, **kwargs).clone()
+            out[:, 1] += shift
+            return out
+        monkeypatch.setattr(lu, "label_logits", shifted)
+        with torch.no_grad():
+            return (float(task_term(llm.model, llm.tokenizer, task, texts, labels, verb, w, centered=True)),
+                    float(task_term(llm.model, llm.tokenizer, task, texts, labels, verb, w, centered=False)))
+
+    centred0, plain0 = losses(0.0)
+    centred5, plain5 = losses(5.0)
+    assert centred5 == pytest.approx(centred0, rel=1e-5)
+    assert abs(plain5 - plain0) > 0.1
+
+
+@pytest.mark.parametrize("centering", [True, False])
+def test_both_task_losses_separate_the_labels(llm, task, centering):
+    texts, labels = ["great superb lovely film"] * 4 + ["awful dull boring plot"] * 4, [1] * 4 + [0] * 4
+    prompts = [generation_prompt(llm.tokenizer, task, y, 0) for y in labels]
+    verb = verbalizer_ids(llm.tokenizer, task)
+
+    def margin() -> float:  # mean over texts of (right label's logit - the other's)
+        with torch.no_grad():
+            z = label_logits(llm.model, llm.tokenizer, task, texts, verb)[:, :2]
+        return float((z[:4, 1] - z[:4, 0]).mean() - (z[4:, 1] - z[4:, 0]).mean())
+
+    before = margin()
+    cfg = UpdateConfig(gamma_gen=0.0, gamma_task=1.0, gamma_kl=0.0, lr=1e-2, batch_size=8, epochs=3,
+                       task_centering=centering)
+    update_llm(llm, task, prompts, texts, labels, np.zeros(8), list(range(8)), cfg, seed=0)
+    assert margin() > before
