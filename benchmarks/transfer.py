@@ -32,6 +32,8 @@ from pathlib import Path
 
 import grpc
 
+from crosslm_shared.transfer import tune_malloc_for_chunks
+
 import _raw_grpc as raw
 from _common import (MiB, HERE, Measure, ServerProcess, base_parser, big_bundle, drop_dirty_pages,
                      emit_json, load_avg, machine, print_table, ratio, start_server, workdir)
@@ -169,6 +171,9 @@ def bench_size(root: Path, mib: int, args, servers: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load0 = load_avg()
+    # the product's client entry point does this (crosslm-client); the raw client shares the
+    # process, so it gets it too; the raw server does not (CROSSLM_TUNE_MALLOC=0: neither side)
+    malloc_tuned = tune_malloc_for_chunks()
     results: dict[int, dict] = {}
     with workdir(args.workdir, "crosslm-transfer-") as root:
         servers: dict = {}
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
               f"   {'met' if ok else 'MISSED'}")
     emit_json({"script": "transfer", "quick": args.quick, "sizes_mib": args.sizes, "chunk_bytes": args.chunk,
                "repeats": args.repeats, **figures, **steadier, "rss_growth_mib_by_size": rss_by_size, "goals_met": goals,
-               "by_size": {str(k): v for k, v in results.items()}, "machine": machine(started_load=load0)}, args.out)
+               "by_size": {str(k): v for k, v in results.items()}, "malloc_tuned": malloc_tuned, "machine": machine(started_load=load0)}, args.out)
     return 0
 
 

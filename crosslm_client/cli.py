@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     from crosslm_shared.logs import quiet_ml_logging
+    from crosslm_shared.transfer import tune_malloc_for_chunks
 
     quiet_ml_logging()
+    tune_malloc_for_chunks()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:

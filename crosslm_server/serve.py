@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crosslm_shared.certs import read_pem
 from crosslm_shared.errors import ConfigError, CrossLMError
+from crosslm_shared.transfer import tune_malloc_for_chunks
 from crosslm_server.engine_api import create_engine
 from crosslm_server.http import build_app
 from crosslm_server.metrics import Metrics
@@ -190,6 +191,7 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
 
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
+    tune_malloc_for_chunks()
     server = build_server(config)
 
     def on_signal(signum, frame):
