@@ -81,7 +81,12 @@ def test_demo_runs_four_silos_and_writes_the_report(tmp_path, demo_config):
     llm = report["llm"]
     assert {"acc_before", "acc_after", "ppl_before", "ppl_after"} <= set(llm) and llm["eval_texts"] == 6
     assert [e["after_update"] for e in llm["evaluations"]] == [4, 8]  # once per round of the four silos
-    assert [r["llm"]["after_update"] for r in report["rounds"]] == [4, 8]
+    # "after round r" is the first measurement once every round-r update was applied; which
+    # that is depends on the order the silos' submissions reached the server
+    for r in report["rounds"]:
+        last = max(v["adapter_version"] for v in r["silos"].values())
+        assert r["llm"]["after_update"] == min(e for e in (4, 8) if e >= last)
+    assert report["rounds"][-1]["llm"]["after_update"] == 8
     assert all(len(r["silos"]) == 4 and len(r["silos"]["silo-a"]["reward_hist"]) == 10 for r in report["rounds"])
     assert report["plots"] == ["slm_per_round.png", "llm_per_round.png", "filter_rewards.png"]
     assert all((out / p).stat().st_size > 10_000 for p in report["plots"])
@@ -183,7 +188,8 @@ def test_ctrl_c_stops_every_child(tmp_path, demo_config):
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.environ.get("CROSSLM_DEMO_E2E"),
-                    reason="the real-model demo (budget 4 min idle, not yet timed idle): CROSSLM_DEMO_E2E=1 runs it")
+                    reason="the real-model demo takes 4.6 min on 2 idle cores (25-44 min measured under load), "
+                           "too much for CI's 20 minutes: CROSSLM_DEMO_E2E=1 runs it")
 def test_demo_quick_on_the_real_models(tmp_path):
     """`crosslm demo --quick`: four silos, MiniLM and MPNet-4L, the real SmolLM2; ≤ 4 minutes idle."""
     out = tmp_path / "quick"
