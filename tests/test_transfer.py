@@ -1,6 +1,8 @@
 """Chunked lazy transfer: CRC, ordered appends, resume after restart, verify-then-rename."""
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +107,13 @@ def iter_chunks_of(data: bytes, size: int):
     for offset in range(0, len(data), size):
         block = data[offset:offset + size]
         yield Chunk("f", offset, block, crc32c(block))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
+@pytest.mark.parametrize("env, expected", [("1", "True"), ("0", "False")])
+def test_malloc_tuning_applies_once_per_process_and_can_be_turned_off(env, expected):
+    code = ("from crosslm_shared.transfer import tune_malloc_for_chunks as t; "
+            "print(t(), t())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CROSSLM_TUNE_MALLOC": env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [expected, expected]
