@@ -159,3 +159,27 @@ def test_the_certs_one_shot_keeps_existing_certificates_on_a_second_up(tmp_path)
     ca = (tmp_path / "certs" / "ca.pem").read_bytes()
     assert main(args) == 0 and (tmp_path / "certs" / "ca.pem").read_bytes() == ca
     assert main(args[:-1]) == 2  # without --if-missing an existing CA is refused, as before
+
+
+def test_the_data_service_cuts_the_counts_of_the_demo_config(compose):
+    """prepare-demo takes no engine config: its counts are spelled out in the compose file and
+    must stay those of examples/demo.toml, which the server and the report read."""
+    from crosslm_server.config import load_config
+
+    args = _parser("crosslm-client").parse_args(compose["services"]["data"]["command"][1:])
+    cfg = load_config(ROOT / "examples" / "demo.toml")
+    split = cfg.split
+    assert (args.seed, args.silos, args.n_private, args.n_test, args.n_llm_test, args.n_judge, args.partition,
+            args.alpha) == (cfg.seed, split.n_silos, split.n_private, split.n_test, split.n_llm_test, split.n_judge,
+                             split.partition, split.alpha)
+
+
+@pytest.mark.parametrize("silo", SILOS)
+def test_each_silo_trains_as_the_demo_config_says(silo):
+    """A silo's [train] is the engine config's [round.slm]: what the report calls silo-only."""
+    from crosslm_server.config import load_config
+
+    train = load_silo_config(ROOT / "docker" / f"{silo}.toml").train
+    slm = load_config(ROOT / "examples" / "demo.toml").round.slm
+    assert (train.lrs, train.epochs, train.continue_epochs, train.batch_size) == \
+        (tuple(slm.lrs), slm.max_epochs, slm.max_epochs, slm.batch_size)
