@@ -99,7 +99,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                              **{f"kl_round_{i + 1}": rnd["kl"] for i, rnd in enumerate(rep["rounds"])},
                              **{f"pred_rate_before_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_before"])},
                              **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
-    summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {}}
+    summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {},
+                     "gate": gate_summary(out, seeds=seeds, arms=arms)}
     for arm, accs in per_arm.items():
         by_seed = {}
         for (seed, _), acc in accs.items():
@@ -121,6 +122,35 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
         if llm[arm]:
             summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm]]) for k in llm[arm][0]}
     return summary
+
+
+def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+    """What each silo's keep-if-better gate earned, on test data the silo never sees: per arm,
+    the decisions, how many refused the continued model, and the mean test accuracy of the
+    model kept minus the one continued (points; > 0: the gate helped). Runs made before the
+    reports carried ``acc_returned`` are left out."""
+    pairs: dict[str, list[tuple[float, float, bool]]] = {}
+    for seed in seeds:
+        for arm in arms:
+            rep = _load(out, arm, seed)
+            if rep is None:
+                continue
+            for rnd in rep["rounds"]:
+                for s in rnd["silos"].values():
+                    if "acc_returned" in s:
+                        pairs.setdefault(arm, []).append((s["acc"], s["acc_returned"], s["adopted"]))
+            if arm == "crosslm":
+                for s in rep.get("baselines", {}).get("zerogen", {}).get("silos", {}).values():
+                    if "acc_returned" in s:
+                        pairs.setdefault("zerogen", []).append((s["acc"], s["acc_returned"], s["adopted"]))
+    gate = {}
+    for arm, ps in pairs.items():
+        kept, returned, adopted = (np.asarray(x, dtype=float) for x in zip(*ps))
+        refused = adopted == 0
+        gate[arm] = {"decisions": len(ps), "refused": int(refused.sum()),
+                     "earned_points": float(100 * (kept - returned).mean()),
+                     "earned_points_when_refused": float(100 * (kept - returned)[refused].mean()) if refused.any() else 0.0}
+    return gate
 
 
 def _rates(rates) -> list[tuple[str, float]]:
@@ -180,4 +210,12 @@ def render(summary: dict) -> str:
                                        for k, v in m.items() if k.startswith(f"pred_rate_{when}_"))
         kls = ", ".join(f"{v['mean']:.4f}" for k, v in m.items() if k.startswith("kl_round_"))
         lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}; KL per round {kls}")
+    if summary.get("gate"):
+        lines += ["", "## The silos' keep-if-better gate", "",
+                  "Test accuracy of the model each silo kept minus the continued model it was offered "
+                  "(points; > 0: the gate helped), over every decision (silo × round × seed):", "",
+                  "| arm | decisions | refused | earned, all decisions | earned, when refused |", "|---|---|---|---|---|"]
+        for arm, g in summary["gate"].items():
+            lines.append(f"| {arm} | {g['decisions']} | {g['refused']} | {g['earned_points']:+.2f} | "
+                         f"{g['earned_points_when_refused']:+.1f} |")
     return "\n".join(lines) + "\n"

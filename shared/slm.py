@@ -316,18 +316,22 @@ def synthetic_validation(val: tuple[Sequence[str], Sequence[int]],
 def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Sequence[int]],
                     val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
                     synthetic: tuple[Sequence[str], np.ndarray] | None = None,
-                    desc: str = "continue") -> tuple[SLM, dict]:
+                    desc: str = "continue", inspect: Callable[[SLM], None] | None = None) -> tuple[SLM, dict]:
     """The silo's side of a round: continue the returned SLM on private data (plus the returned
     synthetic set, if given), with the same selection as every baseline, then keep whichever of
     it and ``current`` is better on the validation split (ties go to the newer model).
 
     With a synthetic set, labels the validation split lacks are topped up from it
     (:func:`synthetic_validation`); both models are judged on the same topped-up split.
+    ``inspect`` sees the continued model whether or not it is kept (a study measures what the
+    gate earns on test data the silo never sees).
     """
     k = len(current.labels)
     val, synthetic = synthetic_validation(val, synthetic, k, cfg.min_val_per_label, seed=cfg.seed)
     data = with_synthetic(train, synthetic, k)
     continued, info = train_selected(returned, current.labels, data, val, cfg, desc=desc)
+    if inspect is not None:
+        inspect(continued)
     current_acc = current.evaluate(*val, metric=cfg.select_metric)
     adopted = info["val_acc"] >= current_acc
     return (continued if adopted else current), {

@@ -16,6 +16,11 @@ def test_simulate_tiny_writes_complete_report(tmp_path, tiny_sim_config):
     assert all(len(s["acc_after"]) == 2 for s in report["silos"].values())
     assert set(report["baselines"]["zerogen"]["silos"]) == set(report["silos"])
     rnd = report["rounds"][0]
+    # the continued model's test accuracy is on record, kept or not; a kept one is the silo's
+    for arm in (rnd["silos"].values(), report["baselines"]["zerogen"]["silos"].values()):
+        for s in arm:
+            assert 0.0 <= s["acc_returned"] <= 1.0
+            assert not s["adopted"] or s["acc_returned"] == s["acc"]
     assert rnd["generated"] == 2 * 4 * 3  # silos × per_label × labels
     assert set(rnd["seconds_per_stage"]) == {"generate", "score", "filter", "update_llm", "enhance_slm"}
     assert (out / "adapters" / "round-2" / "adapter_model.safetensors").exists()

@@ -50,6 +50,20 @@ def test_soft_targets_and_adopt_if_better(tiny_slm_dir):
     assert chosen is not base
 
 
+def test_adopt_if_better_shows_the_continued_model_even_when_it_is_not_kept(tiny_slm_dir):
+    torch.manual_seed(0)
+    texts, labels = _data()
+    cfg = SLMTrainConfig(lrs=(3e-3,), max_epochs=4, batch_size=8)
+    good, _ = train_selected(str(tiny_slm_dir), ["n", "p"], (texts, labels), (texts, labels), cfg)
+    seen = []
+    # the returned model is continued on flipped labels: worse on validation, so the silo keeps `good`
+    chosen, info = adopt_if_better(good, good.clone(), (texts, [1 - y for y in labels]), (texts, labels),
+                                   cfg, inspect=seen.append)
+    assert not info["adopted"] and chosen is good
+    assert len(seen) == 1 and seen[0] is not good
+    assert seen[0].evaluate(texts, labels) == pytest.approx(info["val_acc_returned"])
+
+
 def test_balanced_accuracy_does_not_reward_a_majority_answerer(tiny_slm_dir):
     slm = new_slm(str(tiny_slm_dir), ["n", "p"])
     texts = ["good film"] * 9 + ["bad film"]

@@ -30,6 +30,12 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     assert summary["arms"]["crosslm"]["n"] == 2
     assert "crosslm_vs_silo_only" in summary["comparisons"] and "crosslm_vs_no_kl" in summary["comparisons"]
     assert (out / "study.md").exists() and (out / "study_arms.png").exists() and (out / "study_rounds.png").exists()
+    # the gate's record: one decision per silo and round and seed, and ZeroGen's per silo and seed
+    n_silos = len(json.loads((out / "runs" / "crosslm" / "seed-0" / "report.json").read_text())["silos"])
+    gate = summary["gate"]
+    assert gate["crosslm"]["decisions"] == gate["no_kl"]["decisions"] == gate["zerogen"]["decisions"] == 2 * n_silos
+    assert 0 <= gate["crosslm"]["refused"] <= 2 * n_silos
+    assert "keep-if-better gate" in (out / "study.md").read_text()
     # the baselines are computed once per seed and shared by the arms
     assert len(list((out / "cache").glob("zerogen-*.json"))) == 2
     # resumable: a finished (arm, seed) is not run again
