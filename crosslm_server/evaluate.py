@@ -81,3 +81,32 @@ def on_label_rate(judge: SLM, samples: Sequence[Sample]) -> float:
     pred = judge.predict_proba(texts).argmax(1)
     hits = [bool(s.text) and p == s.label for s, p in zip(samples, pred)]
     return float(np.mean(hits))
+
+
+def label_quality(judge: SLM, texts: Sequence[str], labels: Sequence[int], keep: Sequence[int],
+                  reward: Sequence[float] | None = None) -> dict:
+    """How much the filter and the reward know about labels, by the independent judge.
+
+    ``judge_on_label``: the judge's agreement with the intended labels over every generated
+    text; ``judge_on_label_kept``: over the kept ones (above the first: the filter raised label
+    quality); ``reward_auc``: the probability that a text the judge agrees with gets a higher
+    reward than one it does not (0.5: the reward carries no label information; nan when one
+    side is empty).
+    """
+    if not len(texts):
+        return {"judge_on_label": float("nan"), "judge_on_label_kept": float("nan"), "reward_auc": float("nan")}
+    hits = judge.predict_proba(list(texts)).argmax(1) == np.asarray(labels)
+    keep = list(keep)
+    out = {"judge_on_label": float(hits.mean()),
+           "judge_on_label_kept": float(hits[keep].mean()) if keep else float("nan")}
+    out["reward_auc"] = auc(np.asarray(reward, dtype=float), hits) if reward is not None else float("nan")
+    return out
+
+
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney, ties half)."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from crosslm_server.cache import ArtefactCache, config_key
 from crosslm_server.config import SimConfig, as_dict
 from crosslm_server.enhance import enhance_slm, targets
-from crosslm_server.evaluate import general_corpus, on_label_rate, perplexity, zero_shot
+from crosslm_server.evaluate import general_corpus, label_quality, on_label_rate, perplexity, zero_shot
 from crosslm_server.filter import select
 from crosslm_server.generate import generate
 from crosslm_server.llm import load_llm
@@ -71,7 +71,7 @@ def zerogen_budget(cfg: SimConfig) -> int:
     return cfg.round.generate.per_label * cfg.rounds * (cfg.split.n_silos if cfg.synthetic_pool else 1)
 
 
-def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) -> dict:
+def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, judge: SLM) -> dict:
     """ZeroGen-style: the untouched LLM's samples, the same filter and budget, the same silo-side step."""
     budget = zerogen_budget(cfg)
     gen = generate(llm, task, cfg.round.generate, seed=cfg.seed + 7919, per_label=budget)
@@ -80,7 +80,8 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig) ->
     scores = score(list(local.values()), texts, labels)
     keep = select(texts, labels, scores.probs, cfg.round.filter)
     target = targets([labels[i] for i in keep], scores.probs[keep], cfg.round.enhance)
-    out = {"generated": len(texts), "kept": len(keep), "silos": {}}
+    out = {"generated": len(texts), "kept": len(keep), "silos": {},
+           **label_quality(judge, texts, labels, keep, scores.reward)}
     kept_texts = [texts[i] for i in keep]
     synthetic = (kept_texts, target) if cfg.continue_on == "private+synthetic" else None
     for silo in split.silos:
@@ -148,7 +149,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     if cfg.zerogen:
         t = time.perf_counter()
         report["baselines"]["zerogen"] = cache.json("zerogen", zerogen_key,
-                                                    lambda: zerogen_baseline(llm, task, split, local, cfg))
+                                                    lambda: zerogen_baseline(llm, task, split, local, cfg, judge))
         report["timing"]["zerogen_s"] = time.perf_counter() - t
 
     latest = dict(local)
@@ -172,7 +173,9 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
             acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
             report["silos"][silo.name]["acc_after"].append(acc)
             report["silos"][silo.name]["adopted"].append(info["adopted"])
-            round_rec["silos"][silo.name] = {**res.metrics, "acc": acc, "acc_returned": seen["acc"],
+            quality = label_quality(judge, [x.text for x in res.samples], [x.label for x in res.samples], res.keep,
+                                    res.scores.reward)
+            round_rec["silos"][silo.name] = {**res.metrics, **quality, "acc": acc, "acc_returned": seen["acc"],
                                              "adopted": info["adopted"],
                                              "val_acc_returned": info["val_acc_returned"],
                                              "val_acc_current": info["val_acc_current"], "n_val": info["n_val"],
@@ -226,6 +229,8 @@ def _round_totals(silos: dict) -> dict:
         "kl": float(np.mean([v["kl"] for v in vals])),
         "distinct_2": float(np.mean([v["distinct_2"] for v in vals])),
         "truncated": sum(v["truncated"] for v in vals),
+        **{k: float(np.nanmean([v[k] for v in vals])) for k in ("judge_on_label", "judge_on_label_kept", "reward_auc")
+           if all(k in v for v in vals) and not all(np.isnan(v[k]) for v in vals)},
         "seconds_per_stage": stages,
     }
 

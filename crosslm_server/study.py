@@ -100,7 +100,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                              **{f"pred_rate_before_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_before"])},
                              **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
     summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {},
-                     "gate": gate_summary(out, seeds=seeds, arms=arms)}
+                     "gate": gate_summary(out, seeds=seeds, arms=arms),
+                     "label_quality": label_quality_summary(out, seeds=seeds, arms=arms)}
     for arm, accs in per_arm.items():
         by_seed = {}
         for (seed, _), acc in accs.items():
@@ -151,6 +152,30 @@ def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                      "earned_points": float(100 * (kept - returned).mean()),
                      "earned_points_when_refused": float(100 * (kept - returned)[refused].mean()) if refused.any() else 0.0}
     return gate
+
+
+QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc")
+
+
+def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+    """Per arm and round (ZeroGen: its one generation), the judge's view of the synthetic data:
+    on-label rate of all generated and of the kept texts, and the reward's AUC for on-label
+    texts; means ± std over seeds. Runs made before reports carried these are left out."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for seed in seeds:
+        for arm in arms:
+            rep = _load(out, arm, seed)
+            if rep is None:
+                continue
+            for rnd in rep["rounds"]:
+                for k in QUALITY:
+                    if k in rnd:
+                        rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(rnd[k])
+            z = rep.get("baselines", {}).get("zerogen", {})
+            for k in QUALITY:
+                if arm == "crosslm" and k in z:
+                    rows.setdefault("zerogen", {}).setdefault(k, []).append(z[k])
+    return {name: {k: mean_std(v) for k, v in cols.items()} for name, cols in rows.items()}
 
 
 def _rates(rates) -> list[tuple[str, float]]:
@@ -210,6 +235,17 @@ def render(summary: dict) -> str:
                                        for k, v in m.items() if k.startswith(f"pred_rate_{when}_"))
         kls = ", ".join(f"{v['mean']:.4f}" for k, v in m.items() if k.startswith("kl_round_"))
         lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}; KL per round {kls}")
+    if summary.get("label_quality"):
+        lines += ["", "## Label quality of the synthetic data, by the judge", "",
+                  "The judge's agreement with the intended label over all generated texts and over the "
+                  "kept ones (%), and the reward's AUC for the texts the judge agrees with (0.5: the reward "
+                  "carries no label information); means over seeds:", "",
+                  "| arm, round | on-label, all | on-label, kept | reward AUC |", "|---|---|---|---|"]
+        for name, q in summary["label_quality"].items():
+            cells = [f"{scale * q[k]['mean']:.{digits}f}" if k in q else "–"
+                     for k, scale, digits in (("judge_on_label", 100, 1), ("judge_on_label_kept", 100, 1),
+                                              ("reward_auc", 1, 2))]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
     if summary.get("gate"):
         lines += ["", "## The silos' keep-if-better gate", "",
                   "Test accuracy of the model each silo kept minus the continued model it was offered "

@@ -68,6 +68,10 @@ class SLMTrainConfig:
     # otherwise learns to answer its majority label (part of tuning every arm honestly)
     class_weighting: Literal["none", "balanced"] = "balanced"
     max_class_weight: float = 10.0
+    # the classification head (new, random) and the pooler learn at lr × this; the pretrained
+    # encoder at lr. A few dozen examples give a handful of steps: at the encoder's learning
+    # rate a random head barely moves from chance in that many
+    head_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
@@ -78,6 +82,8 @@ class SLMTrainConfig:
             raise ConfigError(f"slm.class_weighting = {self.class_weighting!r}; use 'none' or 'balanced'")
         if self.min_val_per_label < 0:
             raise ConfigError(f"slm.min_val_per_label = {self.min_val_per_label}; must be >= 0")
+        if self.head_lr_mult <= 0:
+            raise ConfigError(f"slm.head_lr_mult = {self.head_lr_mult}; must be > 0")
         if self.select_metric not in ("accuracy", "balanced_accuracy"):
             raise ConfigError(f"slm.select_metric = {self.select_metric!r}; use 'accuracy' or 'balanced_accuracy'")
 
@@ -182,6 +188,18 @@ def class_weights(y: torch.Tensor, cfg: SLMTrainConfig) -> torch.Tensor:
     return per_label[hard]
 
 
+HEAD_PARTS = ("classifier", "pooler")
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """The encoder at ``lr``; the head (classifier and pooler) at ``lr * head_lr_mult``."""
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if any(part in name.split(".") for part in HEAD_PARTS) else body).append(p)
+    return [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}) if g["params"]]
+
+
 def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg: SLMTrainConfig,
         val: tuple[Sequence[str], Sequence[int]] | None = None, desc: str = "train SLM",
         progress: Callable[[int, int], None] | None = None) -> dict:
@@ -196,7 +214,7 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
     w = class_weights(y, cfg)
     dev = next(slm.model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(slm.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(slm.model, lr, cfg.head_lr_mult), weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = steps_per_epoch * epochs
     warm = max(1, int(total * cfg.warmup_fraction))

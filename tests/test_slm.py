@@ -64,6 +64,30 @@ def test_adopt_if_better_shows_the_continued_model_even_when_it_is_not_kept(tiny
     assert seen[0].evaluate(texts, labels) == pytest.approx(info["val_acc_returned"])
 
 
+def test_head_learns_at_its_own_rate(tiny_slm_dir):
+    from crosslm_shared.slm import fit, param_groups
+
+    texts, labels = _data()
+    base = new_slm(str(tiny_slm_dir), ["n", "p"])
+    groups = param_groups(base.model, 1e-4, 10.0)
+    head_ids = {id(p) for n, p in base.model.named_parameters() if n.startswith("classifier")}
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-3)]
+    assert head_ids <= {id(p) for p in groups[1]["params"]} and not head_ids & {id(p) for p in groups[0]["params"]}
+
+    def moved(mult):
+        torch.manual_seed(0)
+        slm = base.clone()
+        before = {n: p.detach().clone() for n, p in slm.model.named_parameters()}
+        fit(slm, texts, labels, lr=1e-4, epochs=1, cfg=SLMTrainConfig(batch_size=8, head_lr_mult=mult))
+        return {part: sum(float((p - before[n]).norm()) for n, p in slm.model.named_parameters() if (n.startswith("classifier")) == (part == "head"))
+                for part in ("head", "body")}
+
+    plain, fast = moved(1.0), moved(20.0)
+    assert fast["head"] > 5 * plain["head"]
+    with pytest.raises(Exception, match="head_lr_mult"):
+        SLMTrainConfig(head_lr_mult=0)
+
+
 def test_balanced_accuracy_does_not_reward_a_majority_answerer(tiny_slm_dir):
     slm = new_slm(str(tiny_slm_dir), ["n", "p"])
     texts = ["good film"] * 9 + ["bad film"]

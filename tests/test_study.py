@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from crosslm_server.cli import main
@@ -36,6 +37,12 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     assert gate["crosslm"]["decisions"] == gate["no_kl"]["decisions"] == gate["zerogen"]["decisions"] == 2 * n_silos
     assert 0 <= gate["crosslm"]["refused"] <= 2 * n_silos
     assert "keep-if-better gate" in (out / "study.md").read_text()
+    # the judge's view of the synthetic data, per arm and round and for ZeroGen
+    quality = summary["label_quality"]
+    assert {"crosslm r1", "no_kl r1", "zerogen"} <= set(quality)
+    for q in quality.values():
+        assert 0 <= q["judge_on_label"]["mean"] <= 1 and q["judge_on_label"]["n"] == 2
+    assert "Label quality of the synthetic data" in (out / "study.md").read_text()
     # the baselines are computed once per seed and shared by the arms
     assert len(list((out / "cache").glob("zerogen-*.json"))) == 2
     # resumable: a finished (arm, seed) is not run again
@@ -54,3 +61,13 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     merged = json.loads(results.read_text())["tasks"]
     assert list(merged) == [json.loads((out / "study.json").read_text())["task"]]
     assert merged[list(merged)[0]]["slm_gain_vs_zerogen"] == head["slm_gain_vs_zerogen"]
+
+
+def test_auc_and_label_quality_measure_what_they_say():
+    from crosslm_server.evaluate import auc
+
+    hits = np.array([True, True, False, False])
+    assert auc(np.array([0.9, 0.8, 0.1, 0.2]), hits) == 1.0
+    assert auc(np.array([0.1, 0.2, 0.9, 0.8]), hits) == 0.0
+    assert auc(np.array([0.5, 0.5, 0.5, 0.5]), hits) == 0.5
+    assert np.isnan(auc(np.array([0.1, 0.2]), np.array([True, True])))
