@@ -69,9 +69,10 @@ class SLMTrainConfig:
     class_weighting: Literal["none", "balanced"] = "balanced"
     max_class_weight: float = 10.0
     # the classification head (new, random) and the pooler learn at lr × this; the pretrained
-    # encoder at lr. A few dozen examples give a handful of steps: at the encoder's learning
-    # rate a random head barely moves from chance in that many
-    head_lr_mult: float = 1.0
+    # encoder at lr. 48 examples give 9 steps in 3 epochs: at the encoder's learning rate a
+    # random head barely leaves chance (silo-only test accuracy 40-45 % on two RT silos).
+    # Measured with 20, silo-only mean over 4 RT silos: seed 0 53.0 → 53.9 %, seed 1 51.7 → 57.6 %
+    head_lr_mult: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):

@@ -53,7 +53,7 @@ def test_soft_targets_and_adopt_if_better(tiny_slm_dir):
 def test_adopt_if_better_shows_the_continued_model_even_when_it_is_not_kept(tiny_slm_dir):
     torch.manual_seed(0)
     texts, labels = _data()
-    cfg = SLMTrainConfig(lrs=(3e-3,), max_epochs=4, batch_size=8)
+    cfg = SLMTrainConfig(lrs=(3e-3,), max_epochs=4, batch_size=8, head_lr_mult=1.0)
     good, _ = train_selected(str(tiny_slm_dir), ["n", "p"], (texts, labels), (texts, labels), cfg)
     seen = []
     # the returned model is continued on flipped labels: worse on validation, so the silo keeps `good`
