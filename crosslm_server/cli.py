@@ -55,7 +55,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else list(ABLATIONS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    summary = run_study(args.config, Path(args.out), seeds=seeds, arms=arms, overrides=list(args.set or []))
+    summary = run_study(args.config, Path(args.out), seeds=seeds, arms=arms, overrides=list(args.set or []),
+                        cache_dir=Path(args.cache) if args.cache else None)
     print(f"\nstudy: {Path(args.out) / 'study.md'}\n")
     print((Path(args.out) / "study.md").read_text())
     return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--arms", default=None,
                     help="comma-separated arms (default: all: crosslm and every ablation); the baselines always run")
     st.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for every arm")
+    st.add_argument("--cache", default=None, metavar="DIR",
+                    help="where the baselines are cached (default: OUT/cache); a study of the same task and "
+                         "splits with other overrides can share another study's")
     st.set_defaults(func=cmd_study)
     rs = sub.add_parser("results", help="merge finished studies' headline figures into one JSON per task")
     rs.add_argument("studies", nargs="+", help="study folders (each holds study.json)")

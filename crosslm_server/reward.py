@@ -57,3 +57,29 @@ def score(slms: Sequence[SLM], texts: Sequence[str], labels: Sequence[int]) -> S
     probs = ensemble_proba(slms, texts)
     r = reward(probs, labels)
     return Scores(probs=probs, reward=r, advantage=standardise_per_label(r, labels))
+
+
+def llm_label_proba(llm, task, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+    """The LLM's label distribution for each text (its verbalizer logits after the
+    classification prompt), each label's logit centred over ``texts`` first: the LLM's
+    label prior (58 % "negative" on RT, measured) drops out, what it says of each text stays."""
+    import torch
+
+    from crosslm_server.prompts import label_logits, verbalizer_ids
+
+    if not len(texts):
+        return np.zeros((0, task.num_labels))
+    verb = verbalizer_ids(llm.tokenizer, task)
+    llm.model.eval()
+    with torch.no_grad():
+        logits = torch.cat([label_logits(llm.model, llm.tokenizer, task, list(texts[i:i + batch_size]), verb).cpu()
+                            for i in range(0, len(texts), batch_size)])
+    return torch.softmax(logits - logits.mean(0, keepdim=True), -1).numpy()
+
+
+def judged_proba(scores: Scores, llm, task, texts: Sequence[str], weight: float) -> np.ndarray:
+    """What the filter and the soft labels use: the SLM ensemble, mixed with the LLM's centred
+    label distribution at ``weight`` (``filter.llm_weight``)."""
+    if weight <= 0:
+        return scores.probs
+    return (1 - weight) * scores.probs + weight * llm_label_proba(llm, task, texts)

@@ -19,7 +19,7 @@ from crosslm_server.filter import distinct_n, select
 from crosslm_server.generate import Generation, Sample, generate
 from crosslm_server.llm import LLM
 from crosslm_server.llm_update import update_llm
-from crosslm_server.reward import Scores, score
+from crosslm_server.reward import Scores, judged_proba, score
 from crosslm_shared.slm import SLM
 from crosslm_shared.tasks import TaskSpec
 
@@ -66,7 +66,8 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     seconds["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    keep = select(texts, labels, scores.probs, cfg.filter)
+    judged = judged_proba(scores, llm, task, texts, cfg.filter.llm_weight)
+    keep = select(texts, labels, judged, cfg.filter)
     seconds["filter"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -78,7 +79,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     t = time.perf_counter()
     emit("training_slm", {"samples": len(keep)})
     kept_texts = [texts[i] for i in keep]
-    target = targets([labels[i] for i in keep], scores.probs[keep], cfg.enhance) if keep else np.zeros((0, task.num_labels))
+    target = targets([labels[i] for i in keep], judged[keep], cfg.enhance) if keep else np.zeros((0, task.num_labels))
     enhanced, _ = enhance_slm(submitter, kept_texts, target, cfg.enhance, cfg.slm)
     seconds["enhance_slm"] = time.perf_counter() - t
 

@@ -30,7 +30,7 @@ from crosslm_server.generate import generate
 from crosslm_server.llm import load_llm
 from crosslm_server.pool import SyntheticPool
 from crosslm_server.report import write_report
-from crosslm_server.reward import score
+from crosslm_server.reward import judged_proba, score
 from crosslm_server.round import run_round
 from crosslm_shared.data import Split, load_examples, split_task
 from crosslm_shared.slm import SLM, adopt_if_better, train_selected
@@ -78,8 +78,9 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
     texts = [s.text for s in gen.samples]
     labels = [s.label for s in gen.samples]
     scores = score(list(local.values()), texts, labels)
-    keep = select(texts, labels, scores.probs, cfg.round.filter)
-    target = targets([labels[i] for i in keep], scores.probs[keep], cfg.round.enhance)
+    judged = judged_proba(scores, llm, task, texts, cfg.round.filter.llm_weight)
+    keep = select(texts, labels, judged, cfg.round.filter)
+    target = targets([labels[i] for i in keep], judged[keep], cfg.round.enhance)
     out = {"generated": len(texts), "kept": len(keep), "silos": {},
            **label_quality(judge, texts, labels, keep, scores.reward)}
     kept_texts = [texts[i] for i in keep]

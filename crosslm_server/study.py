@@ -29,11 +29,16 @@ ABLATIONS: dict[str, list[str]] = {
     "submitter_reward": ['round.reward_from="submitter"'],
     "hard_labels": ['round.enhance.labels="hard"'],
     "uncentred_task_loss": ["round.update.task_centering=false"],
+    # not an ablation but a candidate: the LLM's own centred label judgement in the filter
+    "with_llm_filter": ["round.filter.llm_weight=0.5"],
 }
 BASELINES = ("silo_only", "zerogen")
 
 
-def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str], overrides: list[str] = ()) -> dict:
+def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str], overrides: list[str] = (),
+              cache_dir: Path | None = None) -> dict:
+    """Run the missing (arm, seed) pairs into ``out/runs`` and summarise. ``cache_dir`` (default
+    ``out/cache``) holds the baselines; another study of the same task and splits can share it."""
     from crosslm_server.simulate import simulate
 
     unknown = set(arms) - set(ABLATIONS)
@@ -51,7 +56,7 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
             cfg = load_config(config, [*overrides, *ABLATIONS[arm], f"seed={seed}",
                                        f"zerogen={'true' if arm == 'crosslm' else 'false'}"])
             log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
-            simulate(cfg, run_dir, cache_dir=out / "cache")
+            simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache")
     summary = summarise(out, seeds=seeds, arms=arms)
     summary["task"] = load_config(config, list(overrides)).task
     summary["headline"] = headline(summary)

@@ -30,3 +30,36 @@ def test_advantage_is_standardised_within_each_label():
 def test_single_sample_or_flat_label_carries_no_preference():
     a = standardise_per_label(np.array([0.3, 0.5, 0.5]), [0, 1, 1])
     assert a.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_llm_scores_are_centred_and_mixed_at_the_filter_weight(tiny_llm_dir, toy_task_path):
+    import torch
+
+    from crosslm_server.llm import LLMConfig, load_llm
+    from crosslm_server.reward import Scores, judged_proba, llm_label_proba
+    from crosslm_shared.tasks import load_task
+
+    task = load_task(str(toy_task_path))
+    llm = load_llm(LLMConfig(model=str(tiny_llm_dir), lora_r=4, target_modules=("q_proj", "v_proj")))
+    texts = ["good film", "bad film", "fine plot", "dull story", "great"]
+    p = llm_label_proba(llm, task, texts)
+    assert p.shape == (5, task.num_labels) and np.allclose(p.sum(1), 1.0, atol=1e-5)
+    # centring: raising one label word's output bias (the LLM's prior) leaves the scores as they were
+    from crosslm_server.prompts import label_logits, verbalizer_ids
+
+    def raw():
+        with torch.no_grad():
+            return torch.softmax(label_logits(llm.model, llm.tokenizer, task, texts, verbalizer_ids(llm.tokenizer, task)), -1)
+
+    raw_before = raw()
+    head = llm.model.get_output_embeddings()
+    with torch.no_grad():
+        if head.bias is None:
+            head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+        head.bias[verbalizer_ids(llm.tokenizer, task)[0]] += 3.0
+    assert (raw()[:, 0] > raw_before[:, 0] + 0.05).all()  # uncentred, the shift shows
+    assert np.allclose(llm_label_proba(llm, task, texts), p, atol=1e-4)
+    slm = np.full((5, task.num_labels), 1.0 / task.num_labels)
+    scores = Scores(probs=slm, reward=np.zeros(5), advantage=np.zeros(5))
+    assert judged_proba(scores, llm, task, texts, 0.0) is slm
+    assert np.allclose(judged_proba(scores, llm, task, texts, 0.25), 0.75 * slm + 0.25 * p, atol=1e-4)

@@ -71,3 +71,21 @@ def test_auc_and_label_quality_measure_what_they_say():
     assert auc(np.array([0.1, 0.2, 0.9, 0.8]), hits) == 0.0
     assert auc(np.array([0.5, 0.5, 0.5, 0.5]), hits) == 0.5
     assert np.isnan(auc(np.array([0.1, 0.2]), np.array([True, True])))
+
+
+def test_a_study_with_the_llm_filter_shares_the_baselines_cache(tmp_path, tiny_sim_config):
+    """`--set round.filter.llm_weight=...` in a second study: silo-only SLMs come from the first
+    study's cache; ZeroGen, whose filter changed, is computed again with the same filter."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    base = ["study", "--config", str(tiny_sim_config), "--seeds", "1", "--arms", "crosslm", "--set", "rounds=1"]
+    assert main([*base, "--out", str(first)]) == 0
+    cache = first / "cache"
+    before = {p.name for p in cache.iterdir()}
+    assert main([*base, "--out", str(second), "--cache", str(cache), "--set", "round.filter.llm_weight=1.0"]) == 0
+    added = {p.name for p in cache.iterdir()} - before
+    assert not (second / "cache").exists()
+    assert len(added) == 1 and next(iter(added)).startswith("zerogen-")
+    a = json.loads((first / "runs/crosslm/seed-0/report.json").read_text())
+    b = json.loads((second / "runs/crosslm/seed-0/report.json").read_text())
+    assert b["config"]["round"]["filter"]["llm_weight"] == 1.0
+    assert [s["acc_local"] for s in a["silos"].values()] == [s["acc_local"] for s in b["silos"].values()]
