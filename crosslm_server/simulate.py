@@ -112,11 +112,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
     examples = load_examples(task)
     split = split_task(examples, task.num_labels, cfg.split, seed=cfg.seed)
     c = as_dict(cfg)
-    # keyed by the split's contents too, so a change in how data is cut never reuses stale models
-    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split))
-    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
-    zerogen_key = config_key(llm_key, zerogen_budget(cfg), c["round"]["filter"], c["round"]["enhance"],
-                             c["continue_on"])
+    base_key, llm_key, zerogen_key = cache_keys(cfg, split)
     slm_cfg = replace(cfg.round.slm, seed=cfg.seed)
     rcfg = replace(cfg.round, slm=slm_cfg)
     report: dict = {"task": task.name, "seed": cfg.seed, "config": c, "silos": {}, "rounds": [],
@@ -210,6 +206,18 @@ def _test_acc(silo, seen: dict):
     def inspect(model: SLM) -> None:
         seen["acc"] = model.evaluate(*_pair(silo.test))
     return inspect
+
+
+def cache_keys(cfg: SimConfig, split: Split) -> tuple[str, str, str]:
+    """The artefact cache's keys: silo-only SLMs, then the judge and the untouched LLM's figures,
+    then ZeroGen; keyed by the split's contents too, so a change in how data is cut never
+    reuses stale models."""
+    c = as_dict(cfg)
+    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split))
+    llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
+    zerogen_key = config_key(llm_key, zerogen_budget(cfg), c["round"]["filter"], c["round"]["enhance"],
+                             c["continue_on"])
+    return base_key, llm_key, zerogen_key
 
 
 def split_fingerprint(split: Split) -> str:

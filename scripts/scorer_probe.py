@@ -1,0 +1,56 @@
+"""Who knows the labels of a study's synthetic texts: the SLMs' reward, or the untouched LLM?
+
+Reads one seed's CrossLM samples (samples-r*.jsonl) and the study's cached judge, and prints
+each score's AUC for the texts the judge calls on-label, and the judge's on-label rate of the
+top half per label by each score (docs/results.md):
+
+    .venv/bin/python scripts/scorer_probe.py docs/runs/study-rt 0 [examples/rt-4silo.toml]
+
+Needs the study's cache (`DIR/cache/judge-*`), which a fresh clone does not hold: rerun the
+study's seed first (it rebuilds the cache and skips the finished runs).
+"""
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np, torch
+from crosslm_shared.logs import quiet_ml_logging
+quiet_ml_logging()
+from crosslm_server.config import load_config
+from crosslm_server.evaluate import auc
+from crosslm_server.llm import load_llm
+from crosslm_server.simulate import cache_keys
+from crosslm_shared.data import load_examples, split_task
+from crosslm_server.prompts import label_logits, verbalizer_ids
+from crosslm_shared.slm import load_slm
+from crosslm_shared.tasks import load_task
+
+study, seed = sys.argv[1], int(sys.argv[2])
+cfg = load_config(sys.argv[3] if len(sys.argv) > 3 else "examples/rt-4silo.toml", [f"seed={seed}"])
+task = load_task(cfg.task)
+_, llm_key, _ = cache_keys(cfg, split_task(load_examples(task), task.num_labels, cfg.split, seed=seed))
+judge_dir = Path(study) / "cache" / f"judge-{llm_key}"
+if not judge_dir.exists():
+    sys.exit(f"{judge_dir} is missing: rerun the study's seed {seed} to rebuild the cache")
+judge = load_slm(judge_dir)
+rows = []
+for f in sorted(glob.glob(f"{study}/runs/crosslm/seed-{seed}/samples-r*.jsonl")):
+    rows += [json.loads(l) | {"file": f.split("/")[-1]} for l in open(f)]
+texts = [r["text"] for r in rows]; labels = np.array([r["label"] for r in rows])
+hits = judge.predict_proba(texts).argmax(1) == labels
+llm = load_llm(cfg.llm)
+verb = verbalizer_ids(llm.tokenizer, task)
+with torch.no_grad(), llm.model.disable_adapter():
+    lg = torch.cat([label_logits(llm.model, llm.tokenizer, task, texts[i:i+16], verb) for i in range(0, len(texts), 16)])
+p = torch.softmax(lg, -1).numpy()
+p_lab = p[np.arange(len(labels)), labels]
+# prior-corrected: the LLM leans "negative"; centre each label's log-prob over the texts
+lc = (lg - lg.mean(0, keepdim=True)); pc = torch.softmax(lc, -1).numpy()[np.arange(len(labels)), labels]
+rew = np.array([r["reward"] for r in rows]); kept = np.array([r["kept"] for r in rows])
+print(f"n={len(rows)} judge on-label all {hits.mean():.3f} kept {hits[kept].mean():.3f}")
+print(f"AUC vs judge: SLM reward {auc(rew, hits):.3f}  LLM p(y|x) {auc(p_lab, hits):.3f}  LLM centred {auc(pc, hits):.3f}")
+for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), ("mix", (rew + 1) / 2 + pc)):
+    for lab in (0, 1):
+        idx = np.flatnonzero(labels == lab); top = idx[np.argsort(-s[idx])][: len(idx) // 2]
+        print(f"  keep top half by {name} label {lab}: judge on-label {hits[top].mean():.3f} (all {hits[idx].mean():.3f})")
