@@ -94,6 +94,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
         "kl": upd["kl"],
         "l_gen": upd["l_gen"],
         "l_task": upd["l_task"],
+        "l_prior": upd["l_prior"],
         "llm_steps": upd["steps"],
         "distinct_2": distinct_n(texts, 2),
         "distinct_2_kept": distinct_n(kept_texts, 2),

@@ -31,6 +31,8 @@ ABLATIONS: dict[str, list[str]] = {
     "uncentred_task_loss": ["round.update.task_centering=false"],
     # not an ablation but a candidate: the LLM's own centred label judgement in the filter
     "with_llm_filter": ["round.filter.llm_weight=0.5"],
+    # a candidate too: hold the LLM's label prior, which the centred task loss cannot see
+    "with_prior_anchor": ["round.update.gamma_prior=1.0"],
 }
 BASELINES = ("silo_only", "zerogen")
 

@@ -153,3 +153,35 @@ def test_both_task_losses_separate_the_labels(llm, task, centering):
                        task_centering=centering)
     update_llm(llm, task, prompts, texts, labels, np.zeros(8), list(range(8)), cfg, seed=0)
     assert margin() > before
+
+
+def test_prior_shift_sees_a_label_prior_move_and_nothing_else(llm, task):
+    from crosslm_server.llm_update import prior_shift
+
+    verb = verbalizer_ids(llm.tokenizer, task)
+    texts = ["good film", "bad film", "fine plot", "dull plot"]
+    with torch.no_grad():
+        logits = label_logits(llm.model, llm.tokenizer, task, texts, verb).float()
+        # a fresh adapter is the base: nothing moved
+        assert float(prior_shift(llm.model, llm.tokenizer, task, texts, verb, logits)) == pytest.approx(0.0, abs=1e-8)
+        # the same shift on every label changes no answer
+        assert float(prior_shift(llm.model, llm.tokenizer, task, texts, verb, logits + 2.0)) == pytest.approx(0.0, abs=1e-8)
+        moved = logits.clone()
+        moved[:, 1] += 1.5  # one label answered more often on every text
+        k = task.num_labels
+        assert float(prior_shift(llm.model, llm.tokenizer, task, texts, verb, moved)) == pytest.approx(1.5 ** 2 * (k - 1) / k, rel=1e-4)
+        # telling texts apart, prior unchanged: a shift that sums to zero over the texts
+        apart = logits.clone()
+        apart[:2, 1] += 1.0
+        apart[2:, 1] -= 1.0
+        assert float(prior_shift(llm.model, llm.tokenizer, task, texts, verb, apart)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_update_with_the_prior_anchor_reports_it(llm, task):
+    texts, labels = ["great superb lovely film", "awful dull boring plot"] * 4, [1, 0] * 4
+    prompts = [generation_prompt(llm.tokenizer, task, y, 0) for y in labels]
+    out = update_llm(llm, task, prompts, texts, labels, [1.0, -1.0] * 4, list(range(8)),
+                     UpdateConfig(gamma_prior=1.0, epochs=2, batch_size=4, lr=5e-3), seed=0)
+    assert out["steps"] == 4 and out["l_prior"] >= 0.0
+    with pytest.raises(Exception, match="gamma"):
+        UpdateConfig(gamma_prior=-1.0)
