@@ -19,7 +19,7 @@ import torch
 
 from crosslm_server.generate import Sample
 from crosslm_server.llm import LLM
-from crosslm_server.prompts import label_logits, pad_right, verbalizer_ids
+from crosslm_server.prompts import batched_label_logits, pad_right
 from crosslm_shared import assets
 from crosslm_shared.slm import SLM
 from crosslm_shared.tasks import TaskSpec
@@ -40,12 +40,7 @@ class EvalConfig:
 def zero_shot(llm: LLM, task: TaskSpec, texts: Sequence[str], labels: Sequence[int], *,
               batch_size: int = 16) -> dict:
     """Raw zero-shot accuracy and the rate at which each label is predicted."""
-    llm.model.eval()
-    verb = verbalizer_ids(llm.tokenizer, task)
-    preds = []
-    for i in range(0, len(texts), batch_size):
-        preds.append(label_logits(llm.model, llm.tokenizer, task, texts[i:i + batch_size], verb).argmax(-1).cpu())
-    pred = torch.cat(preds).numpy()
+    pred = batched_label_logits(llm, task, texts, batch_size=batch_size).argmax(-1).numpy()
     rates = np.bincount(pred, minlength=task.num_labels) / max(1, len(pred))
     return {"acc": float((pred == np.asarray(labels)).mean()),
             "pred_rate": {name: float(r) for name, r in zip(task.label_names, rates)}}

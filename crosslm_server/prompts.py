@@ -71,3 +71,13 @@ def label_logits(model, tokenizer, task: TaskSpec, texts, verb_ids: list[int], *
     logits = model(input_ids=ids, attention_mask=mask).logits
     last = mask.sum(1) - 1
     return logits[torch.arange(len(rows), device=device), last][:, verb_ids].float()
+
+
+def batched_label_logits(llm, task: TaskSpec, texts, *, batch_size: int = 16):
+    """:func:`label_logits` of the LLM (eval mode, no gradient) over ``texts`` in batches: (n, K) on CPU."""
+    verb = verbalizer_ids(llm.tokenizer, task)
+    llm.model.eval()
+    with torch.no_grad():
+        out = [label_logits(llm.model, llm.tokenizer, task, list(texts[i:i + batch_size]), verb).cpu()
+               for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, task.num_labels)

@@ -63,18 +63,12 @@ def llm_label_proba(llm, task, texts: Sequence[str], *, batch_size: int = 16) ->
     """The LLM's label distribution for each text (its verbalizer logits after the
     classification prompt), each label's logit centred over ``texts`` first: the LLM's
     label prior (58 % "negative" on RT, measured) drops out, what it says of each text stays."""
-    import torch
-
-    from crosslm_server.prompts import label_logits, verbalizer_ids
+    from crosslm_server.prompts import batched_label_logits
 
     if not len(texts):
         return np.zeros((0, task.num_labels))
-    verb = verbalizer_ids(llm.tokenizer, task)
-    llm.model.eval()
-    with torch.no_grad():
-        logits = torch.cat([label_logits(llm.model, llm.tokenizer, task, list(texts[i:i + batch_size]), verb).cpu()
-                            for i in range(0, len(texts), batch_size)])
-    return torch.softmax(logits - logits.mean(0, keepdim=True), -1).numpy()
+    logits = batched_label_logits(llm, task, texts, batch_size=batch_size)
+    return (logits - logits.mean(0, keepdim=True)).softmax(-1).numpy()
 
 
 def judged_proba(scores: Scores, llm, task, texts: Sequence[str], weight: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from crosslm_server.evaluate import auc
 from crosslm_server.llm import load_llm
 from crosslm_server.simulate import cache_keys
 from crosslm_shared.data import load_examples, split_task
-from crosslm_server.prompts import label_logits, verbalizer_ids
+from crosslm_server.prompts import batched_label_logits
 from crosslm_shared.slm import load_slm
 from crosslm_shared.tasks import load_task
 
@@ -40,9 +40,8 @@ for f in sorted(glob.glob(f"{study}/runs/crosslm/seed-{seed}/samples-r*.jsonl"))
 texts = [r["text"] for r in rows]; labels = np.array([r["label"] for r in rows])
 hits = judge.predict_proba(texts).argmax(1) == labels
 llm = load_llm(cfg.llm)
-verb = verbalizer_ids(llm.tokenizer, task)
-with torch.no_grad(), llm.model.disable_adapter():
-    lg = torch.cat([label_logits(llm.model, llm.tokenizer, task, texts[i:i+16], verb) for i in range(0, len(texts), 16)])
+with llm.model.disable_adapter():
+    lg = batched_label_logits(llm, task, texts)
 p = torch.softmax(lg, -1).numpy()
 p_lab = p[np.arange(len(labels)), labels]
 # prior-corrected: the LLM leans "negative"; centre each label's log-prob over the texts
