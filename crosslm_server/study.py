@@ -132,25 +132,30 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     return summary
 
 
+def _finished_runs(out: Path, seeds: list[int], arms: list[str]):
+    """(arm, report) of every finished run, seed by seed."""
+    for seed in seeds:
+        for arm in arms:
+            rep = _load(out, arm, seed)
+            if rep is not None:
+                yield arm, rep
+
+
 def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     """What each silo's keep-if-better gate earned, on test data the silo never sees: per arm,
     the decisions, how many refused the continued model, and the mean test accuracy of the
     model kept minus the one continued (points; > 0: the gate helped). Runs made before the
     reports carried ``acc_returned`` are left out."""
     pairs: dict[str, list[tuple[float, float, bool]]] = {}
-    for seed in seeds:
-        for arm in arms:
-            rep = _load(out, arm, seed)
-            if rep is None:
-                continue
-            for rnd in rep["rounds"]:
-                for s in rnd["silos"].values():
-                    if "acc_returned" in s:
-                        pairs.setdefault(arm, []).append((s["acc"], s["acc_returned"], s["adopted"]))
-            if arm == "crosslm":
-                for s in rep.get("baselines", {}).get("zerogen", {}).get("silos", {}).values():
-                    if "acc_returned" in s:
-                        pairs.setdefault("zerogen", []).append((s["acc"], s["acc_returned"], s["adopted"]))
+    for arm, rep in _finished_runs(out, seeds, arms):
+        for rnd in rep["rounds"]:
+            for s in rnd["silos"].values():
+                if "acc_returned" in s:
+                    pairs.setdefault(arm, []).append((s["acc"], s["acc_returned"], s["adopted"]))
+        if arm == "crosslm":
+            for s in rep.get("baselines", {}).get("zerogen", {}).get("silos", {}).values():
+                if "acc_returned" in s:
+                    pairs.setdefault("zerogen", []).append((s["acc"], s["acc_returned"], s["adopted"]))
     gate = {}
     for arm, ps in pairs.items():
         kept, returned, adopted = (np.asarray(x, dtype=float) for x in zip(*ps))
@@ -169,19 +174,15 @@ def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> di
     on-label rate of all generated and of the kept texts, and the reward's AUC for on-label
     texts; means ± std over seeds. Runs made before reports carried these are left out."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for seed in seeds:
-        for arm in arms:
-            rep = _load(out, arm, seed)
-            if rep is None:
-                continue
-            for rnd in rep["rounds"]:
-                for k in QUALITY:
-                    if k in rnd:
-                        rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(rnd[k])
-            z = rep.get("baselines", {}).get("zerogen", {})
+    for arm, rep in _finished_runs(out, seeds, arms):
+        for rnd in rep["rounds"]:
             for k in QUALITY:
-                if arm == "crosslm" and k in z:
-                    rows.setdefault("zerogen", {}).setdefault(k, []).append(z[k])
+                if k in rnd:
+                    rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(rnd[k])
+        z = rep.get("baselines", {}).get("zerogen", {})
+        for k in QUALITY:
+            if arm == "crosslm" and k in z:
+                rows.setdefault("zerogen", {}).setdefault(k, []).append(z[k])
     return {name: {k: mean_std(v) for k, v in cols.items()} for name, cols in rows.items()}
 
 
