@@ -56,7 +56,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else list(ABLATIONS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     summary = run_study(args.config, Path(args.out), seeds=seeds, arms=arms, overrides=list(args.set or []),
-                        cache_dir=Path(args.cache) if args.cache else None)
+                        cache_dir=Path(args.cache) if args.cache else None, run=not args.summary_only)
     print(f"\nstudy: {Path(args.out) / 'study.md'}\n")
     print((Path(args.out) / "study.md").read_text())
     return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--cache", default=None, metavar="DIR",
                     help="where the baselines are cached (default: OUT/cache); a study of the same task and "
                          "splits with other overrides can share another study's")
+    st.add_argument("--summary-only", action="store_true",
+                    help="run nothing: write study.json, study.md and the plots from the runs that have finished")
     st.set_defaults(func=cmd_study)
     rs = sub.add_parser("results", help="merge finished studies' headline figures into one JSON per task")
     rs.add_argument("studies", nargs="+", help="study folders (each holds study.json)")

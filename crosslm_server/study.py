@@ -38,9 +38,10 @@ BASELINES = ("silo_only", "zerogen")
 
 
 def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str], overrides: list[str] = (),
-              cache_dir: Path | None = None) -> dict:
+              cache_dir: Path | None = None, run: bool = True) -> dict:
     """Run the missing (arm, seed) pairs into ``out/runs`` and summarise. ``cache_dir`` (default
-    ``out/cache``) holds the baselines; another study of the same task and splits can share it."""
+    ``out/cache``) holds the baselines; another study of the same task and splits can share it.
+    ``run=False`` only summarises what has finished (e.g. while another process runs the rest)."""
     from crosslm_server.simulate import simulate
 
     unknown = set(arms) - set(ABLATIONS)
@@ -49,7 +50,7 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     if "crosslm" not in arms:
         arms = ["crosslm", *arms]
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
+    for seed in seeds if run else ():
         for arm in arms:
             run_dir = out / "runs" / arm / f"seed-{seed}"
             if (run_dir / "report.json").exists():

@@ -50,6 +50,10 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     stamp = report.stat().st_mtime_ns
     report_0 = out / "runs" / "no_kl" / "seed-0" / "report.json"
     report_0.unlink()
+    # --summary-only runs nothing and summarises what has finished: no_kl now has one seed
+    assert main([*args, "--summary-only"]) == 0
+    assert not report_0.exists()
+    assert json.loads((out / "study.json").read_text())["arms"]["no_kl"]["n"] == 1
     assert main(args) == 0
     assert report.stat().st_mtime_ns == stamp and report_0.exists()
     # the headline figures docs/results.json keeps, merged per task
