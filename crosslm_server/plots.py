@@ -63,6 +63,9 @@ def _curves(summary: dict, path: Path) -> Path:
         rounds = np.arange(len(mean))
         ax.plot(rounds, mean, marker="o", label=arm)
         ax.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+    zerogen = summary["arms"].get("zerogen", {})
+    if zerogen.get("n"):  # ZeroGen has no rounds: its final level, same synthetic budget
+        ax.axhline(zerogen["mean"] * 100, color="grey", linestyle="--", label="zerogen (final, same budget)")
     ax.set_xlabel("round (0 = silo-only)")
     ax.set_ylabel("SLM test accuracy, mean over silos (%)")
     ax.set_title("Per-round SLM accuracy")
