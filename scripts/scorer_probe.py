@@ -2,7 +2,7 @@
 
 Reads one seed's CrossLM samples (samples-r*.jsonl) and the study's cached judge, and prints
 each score's AUC for the texts the judge calls on-label, and the judge's on-label rate of the
-top half per label by each score (docs/results.md):
+top half per label by each score, alone and mixed as the filter mixes them (docs/results.md):
 
     .venv/bin/python scripts/scorer_probe.py docs/runs/study-rt 0 [examples/rt-4silo.toml]
 
@@ -49,7 +49,10 @@ lc = (lg - lg.mean(0, keepdim=True)); pc = torch.softmax(lc, -1).numpy()[np.aran
 rew = np.array([r["reward"] for r in rows]); kept = np.array([r["kept"] for r in rows])
 print(f"n={len(rows)} judge on-label all {hits.mean():.3f} kept {hits[kept].mean():.3f}")
 print(f"AUC vs judge: SLM reward {auc(rew, hits):.3f}  LLM p(y|x) {auc(p_lab, hits):.3f}  LLM centred {auc(pc, hits):.3f}")
-for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), ("mix", (rew + 1) / 2 + pc)):
+# the filter's score with round.filter.llm_weight = w: (1 - w) * SLM ensemble + w * LLM centred
+mixes = {w: (1 - w) * (rew + 1) / 2 + w * pc for w in (0.25, 0.5, 0.75)}
+print("AUC vs judge, mixed: " + "  ".join(f"w={w} {auc(m, hits):.3f}" for w, m in mixes.items()))
+for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), *((f"mix w={w}", m) for w, m in mixes.items())):
     for lab in (0, 1):
         idx = np.flatnonzero(labels == lab); top = idx[np.argsort(-s[idx])][: len(idx) // 2]
         print(f"  keep top half by {name} label {lab}: judge on-label {hits[top].mean():.3f} (all {hits[idx].mean():.3f})")
