@@ -97,13 +97,16 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
     return out
 
 
-def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dict:
+def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baselines_only: bool = False) -> dict:
     """Run the arms and write ``out/report.json`` and ``out/report.md``.
 
     With ``cache_dir``, the silo-only SLMs, the judge, the untouched LLM's figures and the
     ZeroGen baseline are reused from earlier runs with the same config parts (a study's arms).
+    ``baselines_only`` stops before the CrossLM rounds and returns the report's baselines part,
+    writing nothing to ``out``.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    if not baselines_only:
+        out.mkdir(parents=True, exist_ok=True)
     cache = ArtefactCache(cache_dir)
 
     torch.manual_seed(cfg.seed)
@@ -148,6 +151,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None) -> dic
         report["baselines"]["zerogen"] = cache.json("zerogen", zerogen_key,
                                                     lambda: zerogen_baseline(llm, task, split, local, cfg, judge))
         report["timing"]["zerogen_s"] = time.perf_counter() - t
+    if baselines_only:
+        return report
 
     latest = dict(local)
     pool = SyntheticPool()

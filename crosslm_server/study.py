@@ -35,6 +35,14 @@ ABLATIONS: dict[str, list[str]] = {
     "with_prior_anchor": ["round.update.gamma_prior=1.0"],
 }
 BASELINES = ("silo_only", "zerogen")
+# candidates that change what ZeroGen itself would do (its filter): their honest ZeroGen runs
+# with the same change, and the study compares the arm with it too ("zerogen_<arm>")
+OWN_ZEROGEN = {"with_llm_filter"}
+
+
+def zerogen_of(arm: str) -> str | None:
+    """The name under which an arm's own ZeroGen baseline is summarised, if it has one."""
+    return "zerogen" if arm == "crosslm" else f"zerogen_{arm}" if arm in OWN_ZEROGEN else None
 
 
 def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str], overrides: list[str] = (),
@@ -42,6 +50,7 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     """Run the missing (arm, seed) pairs into ``out/runs`` and summarise. ``cache_dir`` (default
     ``out/cache``) holds the baselines; another study of the same task and splits can share it.
     ``run=False`` only summarises what has finished (e.g. while another process runs the rest)."""
+    from crosslm_server.report import write_report
     from crosslm_server.simulate import simulate
 
     unknown = set(arms) - set(ABLATIONS)
@@ -53,13 +62,20 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     for seed in seeds if run else ():
         for arm in arms:
             run_dir = out / "runs" / arm / f"seed-{seed}"
-            if (run_dir / "report.json").exists():
-                log.info("study: %s seed %d already done, skipping", arm, seed)
-                continue
             cfg = load_config(config, [*overrides, *ABLATIONS[arm], f"seed={seed}",
-                                       f"zerogen={'true' if arm == 'crosslm' else 'false'}"])
-            log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
-            simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache")
+                                       f"zerogen={'true' if zerogen_of(arm) else 'false'}"])
+            rep = _load(out, arm, seed)
+            if rep is not None and (not cfg.zerogen or "zerogen" in rep["baselines"]):
+                log.info("study: %s seed %d already done, skipping", arm, seed)
+            elif rep is not None:  # finished before the arm had its own ZeroGen: add only that
+                log.info("study: %s seed %d: adding its own ZeroGen baseline", arm, seed)
+                base = simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache", baselines_only=True)
+                rep["baselines"]["zerogen"] = base["baselines"]["zerogen"]
+                rep["timing"]["zerogen_s"] = base["timing"]["zerogen_s"]
+                write_report(rep, run_dir)
+            else:
+                log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
+                simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache")
     summary = summarise(out, seeds=seeds, arms=arms)
     summary["task"] = load_config(config, list(overrides)).task
     summary["headline"] = headline(summary)
@@ -81,7 +97,8 @@ def _load(out: Path, arm: str, seed: int) -> dict | None:
 
 def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     """Per arm the silo-mean final accuracy over seeds, per-silo figures and paired intervals."""
-    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *arms)}
+    own = {a: zerogen_of(a) for a in arms if a != "crosslm" and zerogen_of(a)}
+    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *own.values(), *arms)}
     curves: dict[str, list[list[float]]] = {a: [] for a in arms}
     llm: dict[str, list[dict]] = {a: [] for a in arms}
     archs: dict[str, str] = {}
@@ -99,6 +116,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                 continue
             for silo, s in rep["silos"].items():
                 per_arm[arm][(seed, silo)] = s["acc_after"][-1]
+                if arm in own and "zerogen" in rep["baselines"]:
+                    per_arm[own[arm]][(seed, silo)] = rep["baselines"]["zerogen"]["silos"][silo]["acc"]
             n_rounds = len(next(iter(rep["silos"].values()))["acc_after"])
             curves[arm].append([float(np.mean([s["acc_local"] for s in rep["silos"].values()]))] +
                                [float(np.mean([s["acc_after"][r] for s in rep["silos"].values()])) for r in range(n_rounds)])
@@ -116,7 +135,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             by_seed.setdefault(seed, []).append(acc)
         summary["arms"][arm] = mean_std([np.mean(v) for v in by_seed.values()])
     for arm in arms:
-        for other in (*BASELINES, *[a for a in arms if a != arm and arm == "crosslm"]):
+        for other in (*BASELINES, *([own[arm]] if arm in own else []),
+                      *[a for a in arms if a != arm and arm == "crosslm"]):
             keys = sorted(set(per_arm[arm]) & set(per_arm[other]))
             if keys:
                 cmp = paired_bootstrap([per_arm[arm][k] for k in keys], [per_arm[other][k] for k in keys])
@@ -153,10 +173,10 @@ def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             for s in rnd["silos"].values():
                 if "acc_returned" in s:
                     pairs.setdefault(arm, []).append((s["acc"], s["acc_returned"], s["adopted"]))
-        if arm == "crosslm":
+        if zerogen_of(arm):
             for s in rep.get("baselines", {}).get("zerogen", {}).get("silos", {}).values():
                 if "acc_returned" in s:
-                    pairs.setdefault("zerogen", []).append((s["acc"], s["acc_returned"], s["adopted"]))
+                    pairs.setdefault(zerogen_of(arm), []).append((s["acc"], s["acc_returned"], s["adopted"]))
     gate = {}
     for arm, ps in pairs.items():
         kept, returned, adopted = (np.asarray(x, dtype=float) for x in zip(*ps))
@@ -182,8 +202,8 @@ def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> di
                     rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(rnd[k])
         z = rep.get("baselines", {}).get("zerogen", {})
         for k in QUALITY:
-            if arm == "crosslm" and k in z:
-                rows.setdefault("zerogen", {}).setdefault(k, []).append(z[k])
+            if zerogen_of(arm) and k in z:
+                rows.setdefault(zerogen_of(arm), {}).setdefault(k, []).append(z[k])
     return {name: {k: mean_std(v) for k, v in cols.items()} for name, cols in rows.items()}
 
 

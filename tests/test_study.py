@@ -93,3 +93,26 @@ def test_a_study_with_the_llm_filter_shares_the_baselines_cache(tmp_path, tiny_s
     b = json.loads((second / "runs/crosslm/seed-0/report.json").read_text())
     assert b["config"]["round"]["filter"]["llm_weight"] == 1.0
     assert [s["acc_local"] for s in a["silos"].values()] == [s["acc_local"] for s in b["silos"].values()]
+
+
+def test_the_llm_filter_arm_is_compared_with_a_zerogen_that_filters_the_same_way(tmp_path, tiny_sim_config):
+    """with_llm_filter changes ZeroGen's filter too, so the arm runs its own ZeroGen and the study
+    compares the two; a run finished before that gets only the baseline added, not redone."""
+    out = tmp_path / "study"
+    args = ["study", "--config", str(tiny_sim_config), "--out", str(out), "--seeds", "1",
+            "--arms", "crosslm,with_llm_filter", "--set", "rounds=1"]
+    assert main(args) == 0
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["arms"]["zerogen_with_llm_filter"]["n"] == 1
+    assert "with_llm_filter_vs_zerogen_with_llm_filter" in summary["comparisons"]
+    assert "crosslm_vs_zerogen_with_llm_filter" not in summary["comparisons"]
+    assert "zerogen_with_llm_filter" in summary["label_quality"] and "zerogen_with_llm_filter" in summary["gate"]
+    assert len(list((out / "cache").glob("zerogen-*.json"))) == 2  # the SLM filter's and the LLM filter's
+    report = out / "runs" / "with_llm_filter" / "seed-0" / "report.json"
+    rep = json.loads(report.read_text())
+    own = rep["baselines"].pop("zerogen")
+    report.write_text(json.dumps(rep))
+    assert main(args) == 0
+    rep = json.loads(report.read_text())
+    assert rep["baselines"]["zerogen"] == own and rep["rounds"]  # the rounds were kept, not rerun
+    assert "## Plots" in (report.parent / "report.md").read_text()
