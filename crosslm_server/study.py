@@ -33,11 +33,13 @@ ABLATIONS: dict[str, list[str]] = {
     "with_llm_filter": ["round.filter.llm_weight=0.5"],
     # a candidate too: hold the LLM's label prior, which the centred task loss cannot see
     "with_prior_anchor": ["round.update.gamma_prior=1.0"],
+    # both candidates: the LLM-scored filter moved the LLM's label prior (RT seed 2: 57 -> 28 % "negative")
+    "with_llm_filter_prior_anchor": ["round.filter.llm_weight=0.5", "round.update.gamma_prior=1.0"],
 }
 BASELINES = ("silo_only", "zerogen")
 # candidates that change what ZeroGen itself would do (its filter): their honest ZeroGen runs
 # with the same change, and the study compares the arm with it too ("zerogen_<arm>")
-OWN_ZEROGEN = {"with_llm_filter"}
+OWN_ZEROGEN = {"with_llm_filter", "with_llm_filter_prior_anchor"}
 
 
 def zerogen_of(arm: str) -> str | None:
