@@ -39,11 +39,18 @@ class EvalConfig:
 @torch.no_grad()
 def zero_shot(llm: LLM, task: TaskSpec, texts: Sequence[str], labels: Sequence[int], *,
               batch_size: int = 16) -> dict:
-    """Raw zero-shot accuracy and the rate at which each label is predicted."""
+    """Raw zero-shot accuracy, the rate at which each label is predicted and the balanced accuracy
+    (mean recall over the labels present: a constant answer scores 1 / labels, whatever the mix)."""
     pred = batched_label_logits(llm, task, texts, batch_size=batch_size).argmax(-1).numpy()
     rates = np.bincount(pred, minlength=task.num_labels) / max(1, len(pred))
     return {"acc": float((pred == np.asarray(labels)).mean()),
-            "pred_rate": {name: float(r) for name, r in zip(task.label_names, rates)}}
+            "pred_rate": {name: float(r) for name, r in zip(task.label_names, rates)},
+            "balanced_acc": balanced_accuracy(pred, labels)}
+
+
+def balanced_accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return float(np.mean([(pred[labels == y] == y).mean() for y in np.unique(labels)])) if labels.size else 0.0
 
 
 def general_corpus(n_docs: int) -> list[str]:

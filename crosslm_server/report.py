@@ -69,9 +69,13 @@ def render_markdown(report: dict) -> str:
     llm = report["llm"]
     judge = ([f"| judge on-label rate of generations | {_pct(llm['on_label_before'])} % | "
               f"{_pct(llm['on_label_after'])} % |"] if "on_label_before" in llm else [])
+    # what a constant answer cannot fake on a skewed test set (SMS: 9 in 10 are ham)
+    balanced = ([f"| zero-shot balanced accuracy (constant answer: {_pct(1 / len(llm['pred_rate_before']))} %) | "
+                 f"{_pct(llm['balanced_acc_before'])} % | {_pct(llm['balanced_acc_after'])} % |"]
+                if "balanced_acc_before" in llm and "balanced_acc_after" in llm else [])
     lines += [f"| zero-shot accuracy (raw) | {_pct(llm['acc_before'])} % | {_pct(llm['acc_after'])} % |",
               f"| predicted-label rates | {_rates(llm.get('pred_rate_before'))} | {_rates(llm.get('pred_rate_after'))} |",
-              *judge,
+              *balanced, *judge,
               f"| perplexity, general corpus | {llm['ppl_before']:.2f} | {llm['ppl_after']:.2f} "
               f"({100 * (llm['ppl_after'] / llm['ppl_before'] - 1):+.1f} %) |",
               "", "## Rounds", "",

@@ -54,9 +54,13 @@ def train_judge(task: TaskSpec, split: Split, cfg: SimConfig) -> SLM:
     return judge
 
 
+def _zero_shot(llm, task, split, cfg: SimConfig) -> dict:
+    return zero_shot(llm, task, list(split.llm_test.texts), list(split.llm_test.labels), batch_size=cfg.eval.batch_size)
+
+
 def llm_snapshot(llm, task, split, docs, cfg: SimConfig) -> dict:
-    zs = zero_shot(llm, task, list(split.llm_test.texts), list(split.llm_test.labels), batch_size=cfg.eval.batch_size)
-    return {"acc": zs["acc"], "pred_rate": zs["pred_rate"],
+    zs = _zero_shot(llm, task, split, cfg)
+    return {"acc": zs["acc"], "pred_rate": zs["pred_rate"], "balanced_acc": zs["balanced_acc"],
             "ppl": perplexity(llm, docs, max_tokens=cfg.eval.ppl_max_tokens)}
 
 
@@ -142,7 +146,10 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
     before = cache.json("llm-before", llm_key, lambda: {
         **llm_snapshot(llm, task, split, docs, cfg),
         "on_label": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 1)})
+    if "balanced_acc" not in before:  # cached before the figure existed
+        before["balanced_acc"] = _zero_shot(llm, task, split, cfg)["balanced_acc"]
     report["llm"] = {"acc_before": before["acc"], "pred_rate_before": before["pred_rate"],
+                     "balanced_acc_before": before["balanced_acc"],
                      "ppl_before": before["ppl"], "on_label_before": before["on_label"]}
     report["timing"]["llm_eval_before_s"] = time.perf_counter() - t
 
@@ -198,6 +205,7 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
 
     last = report["rounds"][-1]["llm"]
     report["llm"] |= {"acc_after": last["acc"], "pred_rate_after": last["pred_rate"], "ppl_after": last["ppl"],
+                      "balanced_acc_after": last["balanced_acc"],
                       "on_label_after": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 2)}
     report["timing"]["total_s"] = time.perf_counter() - started
     write_report(report, out)

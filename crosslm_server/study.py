@@ -125,6 +125,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                                [float(np.mean([s["acc_after"][r] for s in rep["silos"].values()])) for r in range(n_rounds)])
             llm[arm].append({**{k: rep["llm"][k] for k in ("acc_before", "acc_after", "on_label_before",
                                                              "on_label_after", "ppl_before", "ppl_after")},
+                             **{k: rep["llm"][k] for k in ("balanced_acc_before", "balanced_acc_after")
+                                if k in rep["llm"]},  # runs from before 2026-12-02 lack it
                              **{f"kl_round_{i + 1}": rnd["kl"] for i, rnd in enumerate(rep["rounds"])},
                              **{f"pred_rate_before_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_before"])},
                              **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
@@ -151,7 +153,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             c = np.asarray(curves[arm])
             summary["curves"][arm] = {"mean": c.mean(0).tolist(), "std": c.std(0).tolist()}
         if llm[arm]:
-            summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm]]) for k in llm[arm][0]}
+            keys = dict.fromkeys(k for x in llm[arm] for k in x)
+            summary["llm"][arm] = {k: mean_std([x[k] for x in llm[arm] if k in x]) for k in keys}
     return summary
 
 
@@ -265,7 +268,10 @@ def render(summary: dict) -> str:
         rates = lambda when: ", ".join(f"{k.split('_', 3)[-1]} {100 * v['mean']:.0f} %"  # noqa: E731
                                        for k, v in m.items() if k.startswith(f"pred_rate_{when}_"))
         kls = ", ".join(f"{v['mean']:.4f}" for k, v in m.items() if k.startswith("kl_round_"))
-        lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}; KL per round {kls}")
+        balanced = (f"; balanced accuracy {100 * m['balanced_acc_before']['mean']:.1f} → "
+                    f"{100 * m['balanced_acc_after']['mean']:.1f} % ({m['balanced_acc_after']['n']} seeds)"
+                    if "balanced_acc_after" in m and "balanced_acc_before" in m else "")
+        lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}{balanced}; KL per round {kls}")
     if summary.get("label_quality"):
         lines += ["", "## Label quality of the synthetic data, by the judge", "",
                   "The judge's agreement with the intended label over all generated texts and over the "

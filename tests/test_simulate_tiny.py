@@ -25,8 +25,22 @@ def test_simulate_tiny_writes_complete_report(tmp_path, tiny_sim_config):
     assert set(rnd["seconds_per_stage"]) == {"generate", "score", "filter", "update_llm", "enhance_slm"}
     assert (out / "adapters" / "round-2" / "adapter_model.safetensors").exists()
     assert "ZeroGen" in (out / "report.md").read_text()
+    assert 0 <= report["llm"]["balanced_acc_before"] <= 1 and 0 <= report["llm"]["balanced_acc_after"] <= 1
+    assert "zero-shot balanced accuracy" in (out / "report.md").read_text()
 
 
 def test_check_schema_names_missing_keys():
     assert "llm.ppl_after" in check_schema({"silos": {"a": {"arch": "x", "n_private": 1, "acc_local": 0.5,
                                                              "acc_after": []}}, "llm": {}, "rounds": []})
+
+
+def test_a_cached_llm_measurement_without_balanced_accuracy_gets_it(tmp_path, tiny_sim_config):
+    """LLM 'before' figures cached before balanced accuracy existed: the run measures it."""
+    cache, args = tmp_path / "cache", ["simulate", "--config", str(tiny_sim_config), "--set", "rounds=1"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--cache", str(cache)]) == 0
+    (cached,) = cache.glob("llm-before-*.json")
+    before = json.loads(cached.read_text())
+    cached.write_text(json.dumps({k: v for k, v in before.items() if k != "balanced_acc"}))
+    assert main([*args, "--out", str(tmp_path / "b"), "--cache", str(cache)]) == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["llm"]["balanced_acc_before"] == before["balanced_acc"]

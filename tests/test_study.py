@@ -43,6 +43,7 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     for q in quality.values():
         assert 0 <= q["judge_on_label"]["mean"] <= 1 and q["judge_on_label"]["n"] == 2
     assert "Label quality of the synthetic data" in (out / "study.md").read_text()
+    assert summary["llm"]["crosslm"]["balanced_acc_after"]["n"] == 2 and "balanced accuracy" in (out / "study.md").read_text()
     # the baselines are computed once per seed and shared by the arms
     assert len(list((out / "cache").glob("zerogen-*.json"))) == 2
     # resumable: a finished (arm, seed) is not run again
@@ -75,6 +76,15 @@ def test_auc_and_label_quality_measure_what_they_say():
     assert auc(np.array([0.1, 0.2, 0.9, 0.8]), hits) == 0.0
     assert auc(np.array([0.5, 0.5, 0.5, 0.5]), hits) == 0.5
     assert np.isnan(auc(np.array([0.1, 0.2]), np.array([True, True])))
+
+
+def test_balanced_accuracy_does_not_reward_a_constant_answer():
+    from crosslm_server.evaluate import balanced_accuracy
+
+    labels = [0] * 9 + [1]
+    assert balanced_accuracy([0] * 10, labels) == 0.5  # raw accuracy 0.9
+    assert balanced_accuracy(labels, labels) == 1.0
+    assert balanced_accuracy([1] * 9 + [0], labels) == 0.0
 
 
 def test_a_study_with_the_llm_filter_shares_the_baselines_cache(tmp_path, tiny_sim_config):
