@@ -35,8 +35,13 @@ class ArtefactCache:
         if path.exists():
             return json.loads(path.read_text())
         value = compute()
-        write_text_atomic(path, json.dumps(value, default=float))
+        self.put_json(name, key, value)
         return value
+
+    def put_json(self, name: str, key: str, value: dict) -> None:
+        """Store (or complete) a JSON artefact, e.g. one cached before a figure was added to it."""
+        if self.root is not None:
+            write_text_atomic(self.root / f"{name}-{key}.json", json.dumps(value, default=float))
 
     def slm(self, name: str, key: str, compute: Callable[[], tuple[SLM, dict]]) -> tuple[SLM, dict]:
         if self.root is None:

@@ -146,8 +146,9 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
     before = cache.json("llm-before", llm_key, lambda: {
         **llm_snapshot(llm, task, split, docs, cfg),
         "on_label": judged_generations(llm, task, judge, cfg, seed=cfg.seed + 1)})
-    if "balanced_acc" not in before:  # cached before the figure existed
+    if "balanced_acc" not in before:  # cached before the figure existed: measure it once
         before["balanced_acc"] = _zero_shot(llm, task, split, cfg)["balanced_acc"]
+        cache.put_json("llm-before", llm_key, before)
     report["llm"] = {"acc_before": before["acc"], "pred_rate_before": before["pred_rate"],
                      "balanced_acc_before": before["balanced_acc"],
                      "ppl_before": before["ppl"], "on_label_before": before["on_label"]}

@@ -44,3 +44,4 @@ def test_a_cached_llm_measurement_without_balanced_accuracy_gets_it(tmp_path, ti
     assert main([*args, "--out", str(tmp_path / "b"), "--cache", str(cache)]) == 0
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["llm"]["balanced_acc_before"] == before["balanced_acc"]
+    assert json.loads(cached.read_text()) == before  # completed in the cache, not measured again next run
