@@ -21,7 +21,7 @@ from crosslm_server.generate import Sample
 from crosslm_server.llm import LLM
 from crosslm_server.prompts import batched_label_logits, pad_right
 from crosslm_shared import assets
-from crosslm_shared.slm import SLM
+from crosslm_shared.slm import SLM, balanced_accuracy
 from crosslm_shared.tasks import TaskSpec
 
 
@@ -46,11 +46,6 @@ def zero_shot(llm: LLM, task: TaskSpec, texts: Sequence[str], labels: Sequence[i
     return {"acc": float((pred == np.asarray(labels)).mean()),
             "pred_rate": {name: float(r) for name, r in zip(task.label_names, rates)},
             "balanced_acc": balanced_accuracy(pred, labels)}
-
-
-def balanced_accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
-    pred, labels = np.asarray(pred), np.asarray(labels)
-    return float(np.mean([(pred[labels == y] == y).mean() for y in np.unique(labels)])) if labels.size else 0.0
 
 
 def general_corpus(n_docs: int) -> list[str]:

@@ -44,6 +44,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def balanced_accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
+    """Mean recall over the labels present in ``labels``: a constant answer scores 1 / labels."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return float(np.mean([(pred[labels == y] == y).mean() for y in np.unique(labels)])) if labels.size else 0.0
+
+
 @dataclass(frozen=True)
 class SLMTrainConfig:
     """How an SLM is trained; the same for every arm of a comparison."""
@@ -125,7 +131,7 @@ class SLM:
         pred = self.logits(texts).argmax(-1).numpy()
         y = np.asarray(labels)
         if metric == "balanced_accuracy":
-            return float(np.mean([(pred[y == lab] == lab).mean() for lab in np.unique(y)]))
+            return balanced_accuracy(pred, y)
         return float((pred == y).mean())
 
     def save(self, path: str | Path) -> Path:
