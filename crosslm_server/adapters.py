@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from crosslm_shared.atomic import atomic_dir, write_text_atomic
+from crosslm_shared.atomic import atomic_dir, is_partial, write_text_atomic
 from crosslm_shared.errors import NotFoundError
 
 META = "crosslm.json"
@@ -35,7 +35,7 @@ class AdapterStore:
     def versions(self) -> list[AdapterVersion]:
         out = []
         for p in sorted(self.root.glob("v[0-9]*")):
-            if (p / META).exists() and not p.name.endswith(".partial"):
+            if (p / META).exists() and not is_partial(p):
                 out.append(AdapterVersion(int(p.name[1:]), p, json.loads((p / META).read_text())))
         return out
 

@@ -51,6 +51,6 @@ class ArtefactCache:
             slm = load_slm(path)
             return slm, slm.info
         slm, info = compute()
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, replace=False) as tmp:  # same content whoever writes it
             slm.save(tmp)
         return slm, info

