@@ -67,6 +67,8 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
             cfg = load_config(config, [*overrides, *ABLATIONS[arm], f"seed={seed}",
                                        f"zerogen={'true' if zerogen_of(arm) else 'false'}"])
             rep = _load(out, arm, seed)
+            if rep is not None:
+                _check_same_config(rep, cfg, run_dir)
             if rep is not None and (not cfg.zerogen or "zerogen" in rep["baselines"]):
                 log.info("study: %s seed %d already done, skipping", arm, seed)
             elif rep is not None:  # finished before the arm had its own ZeroGen: add only that
@@ -90,6 +92,34 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     except ImportError as e:  # matplotlib is a dependency; a broken install must not lose the numbers
         log.warning("plots skipped: %s", e)
     return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat |= _flatten(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+# keys a finished run may differ in: whether it ran its own ZeroGen (added later, baselines only)
+_RESUMABLE_KEYS = {"zerogen"}
+
+
+def _check_same_config(rep: dict, cfg, run_dir: Path) -> None:
+    """A finished run is reused only if it ran the configuration the study would run now: after a
+    default or the config file changes, old runs must not pass for the new protocol. Options the
+    run's report lacks were added since with defaults that keep the old behaviour, and pass."""
+    from crosslm_server.config import as_dict
+
+    old, new = _flatten(rep["config"]), _flatten(json.loads(json.dumps(as_dict(cfg), default=str)))
+    diff = {k: (old[k], new[k]) for k in old.keys() & new.keys() - _RESUMABLE_KEYS if old[k] != new[k]}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"{run_dir} finished with a different configuration ({shown}); study into a new "
+                          f"--out, or move that run away to rerun it")
 
 
 def _load(out: Path, arm: str, seed: int) -> dict | None:

@@ -5,6 +5,8 @@ import pytest
 
 from crosslm_server.cli import main
 from crosslm_server.stats import mean_std, paired_bootstrap
+from crosslm_server.study import run_study
+from crosslm_shared.errors import ConfigError
 
 
 def test_paired_bootstrap_interval_contains_mean_and_detects_a_shift():
@@ -126,3 +128,22 @@ def test_the_llm_filter_arm_is_compared_with_a_zerogen_that_filters_the_same_way
     rep = json.loads(report.read_text())
     assert rep["baselines"]["zerogen"] == own and rep["rounds"]  # the rounds were kept, not rerun
     assert "## Plots" in (report.parent / "report.md").read_text()
+
+
+def test_a_finished_run_with_another_configuration_is_not_reused(tmp_path, tiny_sim_config):
+    """After a default or the config file changes, the study must not pass old runs off as the
+    new protocol: it stops and names what differs."""
+    out = tmp_path / "study"
+    args = ["study", "--config", str(tiny_sim_config), "--out", str(out), "--seeds", "1", "--set", "rounds=1"]
+    assert main(args) == 0
+    report = out / "runs" / "crosslm" / "seed-0" / "report.json"
+    stamp = report.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"round.update.gamma_kl: 0.1 then, 0.5 now"):
+        run_study(str(tiny_sim_config), out, seeds=[0], arms=["crosslm"],
+                  overrides=["rounds=1", "round.update.gamma_kl=0.5"])
+    assert report.stat().st_mtime_ns == stamp  # nothing lost
+    # an option the old report lacks (added since, with a default that keeps the old behaviour) passes
+    rep = json.loads(report.read_text())
+    del rep["config"]["round"]["update"]["gamma_kl"]
+    report.write_text(json.dumps(rep))
+    run_study(str(tiny_sim_config), out, seeds=[0], arms=["crosslm"], overrides=["rounds=1", "round.update.gamma_kl=0.5"])
