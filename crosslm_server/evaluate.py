@@ -21,6 +21,7 @@ from crosslm_server.generate import Sample
 from crosslm_server.llm import LLM
 from crosslm_server.prompts import batched_label_logits, pad_right
 from crosslm_shared import assets
+from crosslm_server.stats import auc  # noqa: F401  (re-exported: scripts import it from here)
 from crosslm_shared.slm import SLM, balanced_accuracy
 from crosslm_shared.tasks import TaskSpec
 
@@ -100,10 +101,3 @@ def label_quality(judge: SLM, texts: Sequence[str], labels: Sequence[int], keep:
     return out
 
 
-def auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney, ties half)."""
-    pos, neg = score[positive], score[~positive]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))

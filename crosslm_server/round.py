@@ -66,7 +66,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     seconds["score"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    judged = judged_proba(scores, llm, task, texts, cfg.filter.llm_weight)
+    judged, llm_weight = judged_proba(scores, llm, task, texts, labels, cfg.filter.llm_weight)
     keep = select(texts, labels, judged, cfg.filter)
     seconds["filter"] = time.perf_counter() - t
 
@@ -91,6 +91,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
         "reward_std": float(scores.reward.std()),
         "reward_hist": np.histogram(scores.reward, bins=10, range=(-1, 1))[0].tolist(),
         "agree_rate": float((scores.probs.argmax(1) == np.asarray(labels)).mean()),
+        "llm_weight": llm_weight,
         "kl": upd["kl"],
         "l_gen": upd["l_gen"],
         "l_task": upd["l_task"],

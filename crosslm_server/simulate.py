@@ -82,10 +82,10 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
     texts = [s.text for s in gen.samples]
     labels = [s.label for s in gen.samples]
     scores = score(list(local.values()), texts, labels)
-    judged = judged_proba(scores, llm, task, texts, cfg.round.filter.llm_weight)
+    judged, llm_weight = judged_proba(scores, llm, task, texts, labels, cfg.round.filter.llm_weight)
     keep = select(texts, labels, judged, cfg.round.filter)
     target = targets([labels[i] for i in keep], judged[keep], cfg.round.enhance)
-    out = {"generated": len(texts), "kept": len(keep), "silos": {},
+    out = {"generated": len(texts), "kept": len(keep), "llm_weight": llm_weight, "silos": {},
            **label_quality(judge, texts, labels, keep, scores.reward)}
     kept_texts = [texts[i] for i in keep]
     synthetic = (kept_texts, target) if cfg.continue_on == "private+synthetic" else None

@@ -7,6 +7,15 @@ from typing import Sequence
 import numpy as np
 
 
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney, ties half)."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
 def mean_std(values: Sequence[float]) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": float(v.mean()) if v.size else float("nan"),

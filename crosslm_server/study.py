@@ -35,11 +35,14 @@ ABLATIONS: dict[str, list[str]] = {
     "with_prior_anchor": ["round.update.gamma_prior=1.0"],
     # both candidates: the LLM-scored filter moved the LLM's label prior (RT seed 2: 57 -> 28 % "negative")
     "with_llm_filter_prior_anchor": ["round.filter.llm_weight=0.5", "round.update.gamma_prior=1.0"],
+    # ... with the LLM's weight per batch from each scorer's agreement with the intended labels
+    # (0.5 hurt SMS spam, seed 0: the LLM knows little of spam, the SLMs much)
+    "with_auto_llm_filter_prior_anchor": ['round.filter.llm_weight="auto"', "round.update.gamma_prior=1.0"],
 }
 BASELINES = ("silo_only", "zerogen")
 # candidates that change what ZeroGen itself would do (its filter): their honest ZeroGen runs
 # with the same change, and the study compares the arm with it too ("zerogen_<arm>")
-OWN_ZEROGEN = {"with_llm_filter", "with_llm_filter_prior_anchor"}
+OWN_ZEROGEN = {"with_llm_filter", "with_llm_filter_prior_anchor", "with_auto_llm_filter_prior_anchor"}
 
 
 def zerogen_of(arm: str) -> str | None:

@@ -56,3 +56,19 @@ for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), *((f"mix w={w}", m)
     for lab in (0, 1):
         idx = np.flatnonzero(labels == lab); top = idx[np.argsort(-s[idx])][: len(idx) // 2]
         print(f"  keep top half by {name} label {lab}: judge on-label {hits[top].mean():.3f} (all {hits[idx].mean():.3f})")
+# what the server can see without a judge: how well each score predicts the label the text was
+# generated for, and the LLM's share that round.filter.llm_weight = "auto" gives it
+from crosslm_server.reward import auto_llm_weight, label_agreement
+
+slm_probs = np.where((labels == 1)[:, None], [[0, 1]], [[1, 0]]) * (rew[:, None] + 1) / 2  # S(y|x) on y's column
+slm_probs = slm_probs + np.where((labels == 1)[:, None], [[1, 0]], [[0, 1]]) * (1 - (rew[:, None] + 1) / 2)
+llm_probs = torch.softmax(lc, -1).numpy()
+if task.num_labels == 2:
+    print(f"AUC vs the intended label (no judge): SLM {label_agreement(slm_probs, labels):.3f}  "
+          f"LLM centred {label_agreement(llm_probs, labels):.3f}; "
+          f"the LLM's share, all texts: {auto_llm_weight(slm_probs, llm_probs, labels):.2f}; per submission:")
+    files = np.array([r["file"] for r in rows])
+    for f in sorted(set(files)):
+        m = files == f
+        print(f"    {f}: SLM {label_agreement(slm_probs[m], labels[m]):.2f} LLM {label_agreement(llm_probs[m], labels[m]):.2f} "
+              f"share {auto_llm_weight(slm_probs[m], llm_probs[m], labels[m]):.2f}")

@@ -61,5 +61,43 @@ def test_llm_scores_are_centred_and_mixed_at_the_filter_weight(tiny_llm_dir, toy
     assert np.allclose(llm_label_proba(llm, task, texts), p, atol=1e-4)
     slm = np.full((5, task.num_labels), 1.0 / task.num_labels)
     scores = Scores(probs=slm, reward=np.zeros(5), advantage=np.zeros(5))
-    assert judged_proba(scores, llm, task, texts, 0.0) is slm
-    assert np.allclose(judged_proba(scores, llm, task, texts, 0.25), 0.75 * slm + 0.25 * p, atol=1e-4)
+    labels = [0, 1, 0, 1, 0]
+    judged, w = judged_proba(scores, llm, task, texts, labels, 0.0)
+    assert judged is slm and w == 0.0
+    judged, w = judged_proba(scores, llm, task, texts, labels, 0.25)
+    assert w == 0.25 and np.allclose(judged, 0.75 * slm + 0.25 * p, atol=1e-4)
+    # "auto": uniform SLMs know nothing of the labels, so the LLM gets all of the weight if it
+    # tells the intended labels apart at all, and none if it does not
+    judged, w = judged_proba(scores, llm, task, texts, labels, "auto")
+    from crosslm_server.reward import label_agreement
+
+    assert w == (1.0 if label_agreement(p, labels) > 0.5 else 0.0)
+    assert np.allclose(judged, (1 - w) * slm + w * p, atol=1e-4)
+
+
+def test_auto_llm_weight_follows_which_scorer_predicts_the_intended_labels():
+    from crosslm_server.reward import auto_llm_weight, label_agreement
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    perfect = np.eye(2)[labels] * 0.8 + 0.1
+    noisy = np.eye(2)[[0, 1, 0, 0, 1, 0, 1, 1]] * 0.8 + 0.1  # 6 of 8 right
+    blind = np.full((8, 2), 0.5)
+    assert label_agreement(perfect, labels) == 1.0 and label_agreement(blind, labels) == 0.5
+    assert 0.5 < label_agreement(noisy, labels) < 1.0
+    # the LLM's share is its edge over chance against the SLMs' (RT-like: LLM better; SMS-like: worse)
+    assert auto_llm_weight(noisy, perfect, labels) > 0.5 > auto_llm_weight(perfect, noisy, labels) > 0
+    assert auto_llm_weight(perfect, blind, labels) == 0.0 and auto_llm_weight(blind, perfect, labels) == 1.0
+    assert auto_llm_weight(blind, blind, labels) == 0.0  # neither knows: the SLMs alone, as without the LLM
+    # a label the batch lacks is left out rather than breaking the estimate
+    three = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
+    assert label_agreement(three, [0, 1, 0, 1]) == 1.0
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "half", True])
+def test_llm_weight_rejects_what_is_neither_a_weight_nor_auto(bad):
+    from crosslm_server.filter import FilterConfig
+    from crosslm_shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="llm_weight"):
+        FilterConfig(llm_weight=bad)
+    assert FilterConfig(llm_weight="auto").llm_weight == "auto"

@@ -97,13 +97,16 @@ def test_a_study_with_the_llm_filter_shares_the_baselines_cache(tmp_path, tiny_s
     assert main([*base, "--out", str(first)]) == 0
     cache = first / "cache"
     before = {p.name for p in cache.iterdir()}
-    assert main([*base, "--out", str(second), "--cache", str(cache), "--set", "round.filter.llm_weight=1.0"]) == 0
+    assert main([*base, "--out", str(second), "--cache", str(cache), "--set", "round.filter.llm_weight=auto"]) == 0
     added = {p.name for p in cache.iterdir()} - before
     assert not (second / "cache").exists()
     assert len(added) == 1 and next(iter(added)).startswith("zerogen-")
     a = json.loads((first / "runs/crosslm/seed-0/report.json").read_text())
     b = json.loads((second / "runs/crosslm/seed-0/report.json").read_text())
-    assert b["config"]["round"]["filter"]["llm_weight"] == 1.0
+    assert b["config"]["round"]["filter"]["llm_weight"] == "auto"
+    # the weight each batch got is on record, for CrossLM's submissions and ZeroGen's one batch
+    weights = [s["llm_weight"] for r in b["rounds"] for s in r["silos"].values()]
+    assert weights and all(0 <= w <= 1 for w in [*weights, b["baselines"]["zerogen"]["llm_weight"]])
     assert [s["acc_local"] for s in a["silos"].values()] == [s["acc_local"] for s in b["silos"].values()]
 
 
