@@ -252,7 +252,8 @@ def _round_totals(silos: dict) -> dict:
         "kl": float(np.mean([v["kl"] for v in vals])),
         "distinct_2": float(np.mean([v["distinct_2"] for v in vals])),
         "truncated": sum(v["truncated"] for v in vals),
-        **{k: float(np.nanmean([v[k] for v in vals])) for k in ("judge_on_label", "judge_on_label_kept", "reward_auc")
+        **{k: float(np.nanmean([v[k] for v in vals])) for k in ("judge_on_label", "judge_on_label_kept", "reward_auc",
+                                                                 "llm_weight")
            if all(k in v for v in vals) and not all(np.isnan(v[k]) for v in vals)},
         "seconds_per_stage": stages,
     }

@@ -225,7 +225,7 @@ def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     return gate
 
 
-QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc")
+QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc", "llm_weight")
 
 
 def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
@@ -309,12 +309,13 @@ def render(summary: dict) -> str:
         lines += ["", "## Label quality of the synthetic data, by the judge", "",
                   "The judge's agreement with the intended label over all generated texts and over the "
                   "kept ones (%), and the reward's AUC for the texts the judge agrees with (0.5: the reward "
-                  "carries no label information); means over seeds:", "",
-                  "| arm, round | on-label, all | on-label, kept | reward AUC |", "|---|---|---|---|"]
+                  "carries no label information), and the LLM's weight in the filter (`filter.llm_weight`; "
+                  "\"auto\" sets it per batch); means over seeds:", "",
+                  "| arm, round | on-label, all | on-label, kept | reward AUC | LLM weight |", "|---|---|---|---|---|"]
         for name, q in summary["label_quality"].items():
             cells = [f"{scale * q[k]['mean']:.{digits}f}" if k in q else "–"
                      for k, scale, digits in (("judge_on_label", 100, 1), ("judge_on_label_kept", 100, 1),
-                                              ("reward_auc", 1, 2))]
+                                              ("reward_auc", 1, 2), ("llm_weight", 1, 2))]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     if summary.get("gate"):
         lines += ["", "## The silos' keep-if-better gate", "",

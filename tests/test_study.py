@@ -107,6 +107,8 @@ def test_a_study_with_the_llm_filter_shares_the_baselines_cache(tmp_path, tiny_s
     # the weight each batch got is on record, for CrossLM's submissions and ZeroGen's one batch
     weights = [s["llm_weight"] for r in b["rounds"] for s in r["silos"].values()]
     assert weights and all(0 <= w <= 1 for w in [*weights, b["baselines"]["zerogen"]["llm_weight"]])
+    quality = json.loads((second / "study.json").read_text())["label_quality"]
+    assert quality["crosslm r1"]["llm_weight"]["mean"] == pytest.approx(np.mean(weights))
     assert [s["acc_local"] for s in a["silos"].values()] == [s["acc_local"] for s in b["silos"].values()]
 
 
