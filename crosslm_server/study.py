@@ -236,8 +236,10 @@ def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> di
     for arm, rep in _finished_runs(out, seeds, arms):
         for rnd in rep["rounds"]:
             for k in QUALITY:
-                if k in rnd:
-                    rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(rnd[k])
+                per_silo = [s[k] for s in rnd["silos"].values() if k in s]
+                value = rnd[k] if k in rnd else float(np.mean(per_silo)) if per_silo else None  # older round totals
+                if value is not None:
+                    rows.setdefault(f"{arm} r{rnd['round']}", {}).setdefault(k, []).append(value)
         z = rep.get("baselines", {}).get("zerogen", {})
         for k in QUALITY:
             if zerogen_of(arm) and k in z:
