@@ -19,17 +19,22 @@ def study_plots(summary: dict, out: Path) -> list[str]:
 
 
 def _arms(summary: dict, path: Path) -> Path:
+    """One horizontal bar per arm (long arm names stay readable), baselines grey, each bar
+    labelled with its mean and how many seeds it holds (candidate arms may have fewer)."""
     arms = [a for a, s in summary["arms"].items() if s["n"]]
     means = [100 * summary["arms"][a]["mean"] for a in arms]
     stds = [100 * summary["arms"][a]["std"] for a in arms]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(arms)), 4))
-    colors = ["#999999" if a in ("silo_only", "zerogen") else "#1f77b4" for a in arms]
-    ax.bar(arms, means, yerr=stds, color=colors, capsize=4)
-    ax.set_ylabel("SLM test accuracy, mean over silos (%)")
-    ax.set_title(f"Arms over seeds {summary['seeds']} (mean ± std)")
-    lo = min(means) - max(stds + [1]) - 3
-    ax.set_ylim(max(0, lo), min(100, max(means) + max(stds + [1]) + 3))
-    ax.tick_params(axis="x", rotation=30)
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.45 * len(arms)))
+    y = np.arange(len(arms))[::-1]
+    colors = ["#999999" if a == "silo_only" or a.startswith("zerogen") else "#1f77b4" for a in arms]
+    ax.barh(y, means, xerr=stds, color=colors, capsize=3)
+    ax.set_yticks(y, arms)
+    for yi, m, sd, a in zip(y, means, stds, arms):
+        ax.text(m + sd + 0.3, yi, f"{m:.1f}  (n={summary['arms'][a]['n']})", va="center", fontsize=8)
+    ax.set_xlabel("SLM test accuracy, mean over silos (%)")
+    ax.set_title(f"Arms over seeds {summary['seeds']}: mean ± std (grey: baselines)", fontsize=10)
+    lo = min(m - sd for m, sd in zip(means, stds)) - 3
+    ax.set_xlim(max(0, lo), min(100, max(m + sd for m, sd in zip(means, stds)) + 6))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
