@@ -29,12 +29,13 @@ def _arms(summary: dict, path: Path) -> Path:
     colors = ["#999999" if a == "silo_only" or a.startswith("zerogen") else "#1f77b4" for a in arms]
     ax.barh(y, means, xerr=stds, color=colors, capsize=3)
     ax.set_yticks(y, arms)
-    for yi, m, sd, a in zip(y, means, stds, arms):
-        ax.text(m + sd + 0.3, yi, f"{m:.1f}  (n={summary['arms'][a]['n']})", va="center", fontsize=8)
     ax.set_xlabel("SLM test accuracy, mean over silos (%)")
     ax.set_title(f"Arms over seeds {summary['seeds']}: mean ± std (grey: baselines)", fontsize=10)
     lo = min(m - sd for m, sd in zip(means, stds)) - 3
-    ax.set_xlim(max(0, lo), min(100, max(m + sd for m, sd in zip(means, stds)) + 6))
+    ax.set_xlim(max(0, lo), min(100, max(m + sd for m, sd in zip(means, stds)) + 2))
+    for yi, m, a in zip(y, means, arms):  # at the bar's foot: error bars may cross its end or the axis
+        ax.text(ax.get_xlim()[0] + 0.3, yi, f"{m:.1f} (n={summary['arms'][a]['n']})", va="center", fontsize=8,
+                color="white")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
