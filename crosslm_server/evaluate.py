@@ -20,8 +20,8 @@ import torch
 from crosslm_server.generate import Sample
 from crosslm_server.llm import LLM
 from crosslm_server.prompts import batched_label_logits, pad_right
+from crosslm_server.stats import auc
 from crosslm_shared import assets
-from crosslm_server.stats import auc  # noqa: F401  (re-exported: scripts import it from here)
 from crosslm_shared.slm import SLM, balanced_accuracy
 from crosslm_shared.tasks import TaskSpec
 

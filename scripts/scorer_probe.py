@@ -60,8 +60,8 @@ for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), *((f"mix w={w}", m)
 # generated for, and the LLM's share that round.filter.llm_weight = "auto" gives it
 from crosslm_server.reward import auto_llm_weight, label_agreement
 
-slm_probs = np.where((labels == 1)[:, None], [[0, 1]], [[1, 0]]) * (rew[:, None] + 1) / 2  # S(y|x) on y's column
-slm_probs = slm_probs + np.where((labels == 1)[:, None], [[1, 0]], [[0, 1]]) * (1 - (rew[:, None] + 1) / 2)
+p1 = np.where(labels == 1, (rew + 1) / 2, 1 - (rew + 1) / 2)  # binary: S(1|x) from the reward 2 S(y|x) - 1
+slm_probs = np.stack([1 - p1, p1], 1)
 llm_probs = torch.softmax(lc, -1).numpy()
 if task.num_labels == 2:
     print(f"AUC vs the intended label (no judge): SLM {label_agreement(slm_probs, labels):.3f}  "
