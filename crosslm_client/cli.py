@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 from crosslm_client.config import load_silo_config
-from crosslm_client.daemon import run
 from crosslm_client.transport import FATAL_AUTH, TransportError
 from crosslm_shared.errors import AssetMissingError, ConfigError, CrossLMError, DataError
 
@@ -68,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_demo(args)
     if args.command == "check":
         return _check(args)
-    from crosslm_shared.logs import quiet_ml_logging
-    from crosslm_shared.transfer import tune_malloc_for_chunks
-
-    quiet_ml_logging()
-    tune_malloc_for_chunks()
+    # SIGTERM is answered before the daemon imports torch: a daemon stopped while it starts
+    # exits 130 with its log line, like one stopped mid-round
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
+        from crosslm_client.daemon import run
+        from crosslm_shared.logs import quiet_ml_logging
+        from crosslm_shared.transfer import tune_malloc_for_chunks
+
+        quiet_ml_logging()
+        tune_malloc_for_chunks()
         config = load_silo_config(args.config, overrides={"server": {"address": args.server},
                                                           "rounds": {"count": args.rounds}})
         reports = run(config)

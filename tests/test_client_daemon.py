@@ -109,3 +109,13 @@ def test_a_real_minilm_bundle_makes_the_round_trip(tmp_path):
         assert report["outcome"] == "ready" and report["bundle_bytes"] > 80_000_000
     finally:
         server.stop(grace=1)
+
+
+def test_the_daemon_answers_sigterm_before_it_imports_torch():
+    """The SIGTERM handler goes in before torch loads: a daemon stopped as it starts exits 130, logged."""
+    import subprocess
+    import sys
+
+    code = "import sys, crosslm_client.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

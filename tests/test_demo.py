@@ -168,9 +168,11 @@ def test_ctrl_c_stops_every_child(tmp_path, demo_config):
                              "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
-        for line in proc.stdout:
+        running: set[str] = set()
+        for line in proc.stdout:  # until every daemon reports (under load the last starts seconds late)
             lines.append(line)
-            if "training its tiny SLM" in line:
+            running.update(re.findall(r"\] (silo-\S+) \(tiny\)", line))
+            if len(running) == 4:
                 break
         proc.send_signal(signal.SIGINT)
         lines += proc.stdout.readlines()
