@@ -60,6 +60,9 @@ class SimConfig:
     # not private, and they carry what the other silos' SLMs rewarded). ZeroGen gets the
     # same generation budget as the set a silo can draw from.
     synthetic_pool: bool = True
+    # after the last round every silo takes the whole pool once more, as ZeroGen's silos take its
+    # whole set: a silo that submits early in a round has otherwise seen only part of it
+    final_sync: bool = False
     split: SplitConfig = field(default_factory=SplitConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
@@ -72,6 +75,8 @@ class SimConfig:
             raise ConfigError("archs must name at least one SLM architecture")
         if self.continue_on not in ("private", "private+synthetic"):
             raise ConfigError(f"continue_on = {self.continue_on!r}; use 'private' or 'private+synthetic'")
+        if self.final_sync and not self.synthetic_pool:
+            raise ConfigError("final_sync = true needs synthetic_pool = true: the sync hands every silo the pool")
 
 
 def _build(cls, raw: dict, where: str):

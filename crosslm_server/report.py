@@ -41,22 +41,30 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def final_acc(silo: dict) -> float:
+    """A silo's SLM test accuracy at the end of a run: after the final pool sync if it ran, else
+    after the last round."""
+    return silo.get("acc_final", silo["acc_after"][-1])
+
+
 def render_markdown(report: dict) -> str:
     zg = report.get("baselines", {}).get("zerogen", {}).get("silos", {})
     title = report.get("title") or f"CrossLM simulation: {report['task']} (seed {report['seed']})"
     zg_head, zg_rule = ("ZeroGen | ", "---|") if zg else ("", "")
+    synced = all("acc_final" in s for s in report["silos"].values()) and bool(report["silos"])
     lines = [f"# {title}", "", "## SLM test accuracy per silo (%)", "",
              "| silo | arch | private examples | silo-only | " + zg_head +
-             " | ".join(f"CrossLM r{i + 1}" for i in range(len(report["rounds"]))) + " | gain vs silo-only |",
-             "|---|---|---|---|" + zg_rule + "---|" * len(report["rounds"]) + "---|"]
+             " | ".join(f"CrossLM r{i + 1}" for i in range(len(report["rounds"]))) +
+             (" | final pool sync" if synced else "") + " | gain vs silo-only |",
+             "|---|---|---|---|" + zg_rule + "---|" * (len(report["rounds"]) + synced) + "---|"]
     for name, s in report["silos"].items():
-        after = s["acc_after"]
-        gain = after[-1] - s["acc_local"] if after else float("nan")
+        after = s["acc_after"] + ([s["acc_final"]] if synced else [])
+        gain = final_acc(s) - s["acc_local"] if after else float("nan")
         zgs = (_pct(zg[name]["acc"]) if name in zg else "–") + " | " if zg else ""
         lines.append(f"| {name} | {s['arch']} | {s['n_private']} | {_pct(s['acc_local'])} | {zgs}" +
                      " | ".join(_pct(a) for a in after) + f" | {100 * gain:+.1f} |")
     mean_local = np.mean([s["acc_local"] for s in report["silos"].values()])
-    mean_after = np.mean([s["acc_after"][-1] for s in report["silos"].values()])
+    mean_after = np.mean([final_acc(s) for s in report["silos"].values()])
     if zg:
         mean_zg = np.mean([v["acc"] for v in zg.values()])
         mean = (f"Mean: silo-only {_pct(mean_local)}, ZeroGen {_pct(mean_zg)}, CrossLM {_pct(mean_after)} "

@@ -88,17 +88,24 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
     out = {"generated": len(texts), "kept": len(keep), "llm_weight": llm_weight, "silos": {},
            **label_quality(judge, texts, labels, keep, scores.reward)}
     kept_texts = [texts[i] for i in keep]
-    synthetic = (kept_texts, target) if cfg.continue_on == "private+synthetic" else None
     for silo in split.silos:
-        enhanced, _ = enhance_slm(local[silo.name], kept_texts, target, cfg.round.enhance, cfg.round.slm)
-        seen: dict = {}
-        chosen, info = adopt_if_better(local[silo.name], enhanced, _pair(silo.train), _pair(silo.val),
-                                       cfg.round.slm, synthetic=synthetic, desc=f"{silo.name} zerogen",
-                                       inspect=_test_acc(silo, seen))
-        acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
-        out["silos"][silo.name] = {"acc": acc, "adopted": info["adopted"],
-                                   "acc_returned": seen["acc"]}
+        _, out["silos"][silo.name] = take_synthetic(silo, local[silo.name], kept_texts, target, cfg, cfg.round.slm,
+                                                    desc=f"{silo.name} zerogen")
     return out
+
+
+def take_synthetic(silo, current: SLM, texts: list[str], target: np.ndarray, cfg: SimConfig, slm_cfg,
+                   *, desc: str) -> tuple[SLM, dict]:
+    """A silo takes a whole synthetic set at once (ZeroGen's set; CrossLM's pool at the final
+    sync): its SLM fine-tuned on the set, continued on private data (plus the set), and kept only
+    if better on the silo's validation split. Returns the chosen SLM and its test figures."""
+    enhanced, _ = enhance_slm(current, texts, target, cfg.round.enhance, slm_cfg)
+    seen: dict = {}
+    chosen, info = adopt_if_better(current, enhanced, _pair(silo.train), _pair(silo.val), slm_cfg,
+                                   synthetic=(texts, target) if cfg.continue_on == "private+synthetic" else None,
+                                   desc=desc, inspect=_test_acc(silo, seen))
+    acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
+    return chosen, {"acc": acc, "adopted": info["adopted"], "acc_returned": seen["acc"], "n_synthetic": len(texts)}
 
 
 def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baselines_only: bool = False) -> dict:
@@ -202,6 +209,14 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
             path = llm.save_adapter(out / "adapters" / f"round-{r}")
             (path / "crosslm_round.json").write_text(json.dumps({"round": r, "llm": snap}, indent=2))
         (out / "report.partial.json").write_text(json.dumps(report, indent=2, default=float))
+    if cfg.final_sync:
+        texts, target = pool.get(task.name, task.num_labels)
+        for silo in split.silos:
+            latest[silo.name], sync = take_synthetic(silo, latest[silo.name], texts, target, cfg, slm_cfg,
+                                                     desc=f"{silo.name} sync")
+            report["silos"][silo.name] |= {"acc_final": sync["acc"], "sync": sync}
+            log.info("final sync %s: %d pooled examples, test acc %.3f (adopted=%s)", silo.name, len(texts),
+                     sync["acc"], sync["adopted"])
     report["timing"]["crosslm_s"] = time.perf_counter() - t
 
     last = report["rounds"][-1]["llm"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from crosslm_server.config import load_config
+from crosslm_server.report import final_acc
 from crosslm_server.stats import mean_std, paired_bootstrap
 from crosslm_shared.errors import ConfigError
 
@@ -38,11 +39,16 @@ ABLATIONS: dict[str, list[str]] = {
     # ... with the LLM's weight per batch from each scorer's agreement with the intended labels
     # (0.5 hurt SMS spam, seed 0: the LLM knows little of spam, the SLMs much)
     "with_auto_llm_filter_prior_anchor": ['round.filter.llm_weight="auto"', "round.update.gamma_prior=1.0"],
+    # ... and every silo takes the whole pool after the last round, as ZeroGen's silos take its whole
+    # set (at its final continuation a CrossLM silo had seen 54-96 of the 96 pooled examples)
+    "with_auto_llm_filter_prior_anchor_sync": ['round.filter.llm_weight="auto"', "round.update.gamma_prior=1.0",
+                                               "final_sync=true"],
 }
 BASELINES = ("silo_only", "zerogen")
 # candidates that change what ZeroGen itself would do (its filter): their honest ZeroGen runs
 # with the same change, and the study compares the arm with it too ("zerogen_<arm>")
-OWN_ZEROGEN = {"with_llm_filter", "with_llm_filter_prior_anchor", "with_auto_llm_filter_prior_anchor"}
+OWN_ZEROGEN = {"with_llm_filter", "with_llm_filter_prior_anchor", "with_auto_llm_filter_prior_anchor",
+               "with_auto_llm_filter_prior_anchor_sync"}
 
 
 def zerogen_of(arm: str) -> str | None:
@@ -133,7 +139,10 @@ def _load(out: Path, arm: str, seed: int) -> dict | None:
 def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     """Per arm the silo-mean final accuracy over seeds, per-silo figures and paired intervals."""
     own = {a: zerogen_of(a) for a in arms if a != "crosslm" and zerogen_of(a)}
-    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *own.values(), *arms)}
+    # a final-sync arm's own last round, before the sync: the same run, so the pairs say what the sync earns
+    unsynced = {a: f"{a.removesuffix('_sync')}_before_sync" for a in arms if "final_sync=true" in ABLATIONS.get(a, ())}
+    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *own.values(),
+                                                                        *unsynced.values(), *arms)}
     curves: dict[str, list[list[float]]] = {a: [] for a in arms}
     llm: dict[str, list[dict]] = {a: [] for a in arms}
     archs: dict[str, str] = {}
@@ -150,7 +159,9 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             if rep is None:
                 continue
             for silo, s in rep["silos"].items():
-                per_arm[arm][(seed, silo)] = s["acc_after"][-1]
+                per_arm[arm][(seed, silo)] = final_acc(s)
+                if arm in unsynced:
+                    per_arm[unsynced[arm]][(seed, silo)] = s["acc_after"][-1]
                 if arm in own and "zerogen" in rep["baselines"]:
                     per_arm[own[arm]][(seed, silo)] = rep["baselines"]["zerogen"]["silos"][silo]["acc"]
             n_rounds = len(next(iter(rep["silos"].values()))["acc_after"])
@@ -172,7 +183,7 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             by_seed.setdefault(seed, []).append(acc)
         summary["arms"][arm] = mean_std([np.mean(v) for v in by_seed.values()])
     for arm in arms:
-        for other in (*BASELINES, *([own[arm]] if arm in own else []),
+        for other in (*BASELINES, *([own[arm]] if arm in own else []), *([unsynced[arm]] if arm in unsynced else []),
                       *[a for a in arms if a != arm and arm == "crosslm"]):
             keys = sorted(set(per_arm[arm]) & set(per_arm[other]))
             if keys:

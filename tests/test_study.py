@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from crosslm_server.cli import main
+from crosslm_server.config import load_config
 from crosslm_server.stats import mean_std, paired_bootstrap
 from crosslm_server.study import run_study
 from crosslm_shared.errors import ConfigError
@@ -152,3 +153,30 @@ def test_a_finished_run_with_another_configuration_is_not_reused(tmp_path, tiny_
     del rep["config"]["round"]["update"]["gamma_kl"]
     report.write_text(json.dumps(rep))
     run_study(str(tiny_sim_config), out, seeds=[0], arms=["crosslm"], overrides=["rounds=1", "round.update.gamma_kl=0.5"])
+
+
+def test_the_final_sync_hands_every_silo_the_whole_pool(tmp_path, tiny_sim_config):
+    """After the last round each silo takes every pooled example once more, as ZeroGen's silos take
+    its whole set; the arm's own ZeroGen is the automatic weight's (the sync does not change it)."""
+    out = tmp_path / "study"
+    assert main(["study", "--config", str(tiny_sim_config), "--out", str(out), "--seeds", "1", "--set", "rounds=1",
+                 "--arms", "with_auto_llm_filter_prior_anchor,with_auto_llm_filter_prior_anchor_sync"]) == 0
+    rep = json.loads((out / "runs" / "with_auto_llm_filter_prior_anchor_sync" / "seed-0" / "report.json").read_text())
+    pooled = sum(s["kept"] for r in rep["rounds"] for s in r["silos"].values())
+    for s in rep["silos"].values():
+        assert s["sync"]["n_synthetic"] == pooled and s["acc_final"] == s["sync"]["acc"]
+        # the gate: the synced SLM is kept only if better on validation, else the last round's stays
+        assert s["sync"]["adopted"] or s["acc_final"] == pytest.approx(s["acc_after"][-1])
+    summary = json.loads((out / "study.json").read_text())
+    assert "with_auto_llm_filter_prior_anchor_sync_vs_with_auto_llm_filter_prior_anchor_before_sync" in summary["comparisons"]
+    assert summary["arms"]["with_auto_llm_filter_prior_anchor_before_sync"]["mean"] == pytest.approx(
+        np.mean([s["acc_after"][-1] for s in rep["silos"].values()]))
+    for name, s in rep["silos"].items():  # the study counts the synced figure, not the last round's
+        assert summary["per_silo"][name]["with_auto_llm_filter_prior_anchor_sync"]["mean"] == pytest.approx(s["acc_final"])
+    assert "final pool sync" in (out / "runs" / "with_auto_llm_filter_prior_anchor_sync" / "seed-0" / "report.md").read_text()
+    assert len(list((out / "cache").glob("zerogen-*.json"))) == 2  # the SLM filter's and the automatic weight's
+
+
+def test_a_final_sync_without_the_pool_is_refused(tiny_sim_config):
+    with pytest.raises(ConfigError, match="final_sync = true needs synthetic_pool"):
+        load_config(str(tiny_sim_config), ["final_sync=true", "synthetic_pool=false"])
