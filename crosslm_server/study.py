@@ -139,10 +139,10 @@ def _load(out: Path, arm: str, seed: int) -> dict | None:
 def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     """Per arm the silo-mean final accuracy over seeds, per-silo figures and paired intervals."""
     own = {a: zerogen_of(a) for a in arms if a != "crosslm" and zerogen_of(a)}
-    # a final-sync arm's own last round, before the sync: the same run, so the pairs say what the sync earns
-    unsynced = {a: f"{a.removesuffix('_sync')}_before_sync" for a in arms if "final_sync=true" in ABLATIONS.get(a, ())}
-    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *own.values(),
-                                                                        *unsynced.values(), *arms)}
+    per_arm: dict[str, dict[tuple[int, str], float]] = {a: {} for a in (*BASELINES, *own.values(), *arms)}
+    # an arm that ran the final pool sync, at its own last round before the sync: the same runs,
+    # so the pairs say what the sync earns
+    unsynced: dict[str, str] = {}
     curves: dict[str, list[list[float]]] = {a: [] for a in arms}
     llm: dict[str, list[dict]] = {a: [] for a in arms}
     archs: dict[str, str] = {}
@@ -160,8 +160,9 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                 continue
             for silo, s in rep["silos"].items():
                 per_arm[arm][(seed, silo)] = final_acc(s)
-                if arm in unsynced:
-                    per_arm[unsynced[arm]][(seed, silo)] = s["acc_after"][-1]
+                if "acc_final" in s:
+                    unsynced[arm] = f"{arm.removesuffix('_sync')}_before_sync"
+                    per_arm.setdefault(unsynced[arm], {})[(seed, silo)] = s["acc_after"][-1]
                 if arm in own and "zerogen" in rep["baselines"]:
                     per_arm[own[arm]][(seed, silo)] = rep["baselines"]["zerogen"]["silos"][silo]["acc"]
             n_rounds = len(next(iter(rep["silos"].values()))["acc_after"])

@@ -175,6 +175,15 @@ def test_the_final_sync_hands_every_silo_the_whole_pool(tmp_path, tiny_sim_confi
         assert summary["per_silo"][name]["with_auto_llm_filter_prior_anchor_sync"]["mean"] == pytest.approx(s["acc_final"])
     assert "final pool sync" in (out / "runs" / "with_auto_llm_filter_prior_anchor_sync" / "seed-0" / "report.md").read_text()
     assert len(list((out / "cache").glob("zerogen-*.json"))) == 2  # the SLM filter's and the automatic weight's
+    # the same protocol as a study's own default (--set for every arm): its crosslm arm is compared with its
+    # last round too, and the finished runs move in unchanged (same configuration)
+    proto = tmp_path / "protocol"
+    (proto / "runs" / "crosslm").mkdir(parents=True)
+    (out / "runs" / "with_auto_llm_filter_prior_anchor_sync" / "seed-0").rename(proto / "runs" / "crosslm" / "seed-0")
+    assert main(["study", "--config", str(tiny_sim_config), "--out", str(proto), "--seeds", "1", "--set", "rounds=1",
+                 "--set", 'round.filter.llm_weight="auto"', "--set", "round.update.gamma_prior=1.0",
+                 "--set", "final_sync=true", "--cache", str(out / "cache")]) == 0  # runs nothing: done
+    assert "crosslm_vs_crosslm_before_sync" in json.loads((proto / "study.json").read_text())["comparisons"]
 
 
 def test_a_final_sync_without_the_pool_is_refused(tiny_sim_config):
