@@ -105,7 +105,8 @@ def take_synthetic(silo, current: SLM, texts: list[str], target: np.ndarray, cfg
                                    synthetic=(texts, target) if cfg.continue_on == "private+synthetic" else None,
                                    desc=desc, inspect=_test_acc(silo, seen))
     acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
-    return chosen, {"acc": acc, "adopted": info["adopted"], "acc_returned": seen["acc"], "n_synthetic": len(texts)}
+    return chosen, {"acc": acc, "adopted": info["adopted"], "acc_returned": seen["acc"], "n_synthetic": len(texts),
+                    **{k: info[k] for k in ("val_acc_current", "val_acc_returned", "n_val")}}
 
 
 def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baselines_only: bool = False) -> dict:
