@@ -48,10 +48,17 @@ class UpdateConfig:
     # zero-shot 77.0 → 69.3 %. L_prior = squared shift of the mean label-word logits on the
     # step's kept texts against the frozen base, centred across labels. 0 = off
     gamma_prior: float = 0.0
+    # the reward behind the generation loss: "slms", the seed's r = 2·S(y|x) − 1 from the silos'
+    # SLMs; or "judged", the same from what the filter judges with (the SLMs mixed with the
+    # LLM's centred judgement at filter.llm_weight): where the SLMs know the labels (SMS spam) it
+    # is nearly theirs, where they are near chance (RT) mostly the LLM's own
+    reward: str = "slms"
 
     def __post_init__(self) -> None:
         if min(self.gamma_gen, self.gamma_task, self.gamma_kl, self.gamma_prior) < 0:
             raise ConfigError("update.gamma_* must be >= 0")
+        if self.reward not in ("slms", "judged"):
+            raise ConfigError(f"round.update.reward = {self.reward!r}; use 'slms' or 'judged'")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("update.lr must be > 0, update.epochs and update.batch_size >= 1")
 

@@ -19,7 +19,7 @@ from crosslm_server.filter import distinct_n, select
 from crosslm_server.generate import Generation, Sample, generate
 from crosslm_server.llm import LLM
 from crosslm_server.llm_update import update_llm
-from crosslm_server.reward import Scores, judged_proba, score
+from crosslm_server.reward import Scores, judged_proba, reward, score, standardise_per_label
 from crosslm_shared.slm import SLM
 from crosslm_shared.tasks import TaskSpec
 
@@ -71,7 +71,9 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     seconds["filter"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    upd = update_llm(llm, task, [s.prompt for s in gen.samples], texts, labels, scores.advantage, keep,
+    advantage = (scores.advantage if cfg.update.reward == "slms"
+                 else standardise_per_label(reward(judged, labels), labels))
+    upd = update_llm(llm, task, [s.prompt for s in gen.samples], texts, labels, advantage, keep,
                      cfg.update, seed=seed,
                      progress=lambda k, n, loss: emit("training_llm", {"step": k, "total": n, "loss": loss}))
     seconds["update_llm"] = time.perf_counter() - t

@@ -43,6 +43,9 @@ ABLATIONS: dict[str, list[str]] = {
     # set (at its final continuation a CrossLM silo had seen 54-96 of the 96 pooled examples)
     "with_auto_llm_filter_prior_anchor_sync": ['round.filter.llm_weight="auto"', "round.update.gamma_prior=1.0",
                                                "final_sync=true"],
+    # a candidate on top of the automatic weight: the generation loss rewards what the filter
+    # judges with, not the SLMs alone (on RT the SLMs are near chance and their reward is noise)
+    "judged_reward": ['round.update.reward="judged"'],
 }
 BASELINES = ("silo_only", "zerogen")
 # candidates that change what ZeroGen itself would do (its filter): their honest ZeroGen runs

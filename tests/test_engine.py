@@ -125,3 +125,48 @@ def test_the_llm_is_measured_at_load_and_after_every_nth_version(tmp_path, tiny_
     assert len(first["reward_hist"].split(",")) == 10 and len(first["kept_per_label"].split(",")) == 3
     with pytest.raises(ConfigError, match="eval_data"):
         create_engine("crosslm", options | {"eval_data": str(tmp_path / "missing.csv")})
+
+
+@pytest.mark.parametrize("source", ["slms", "judged"])
+def test_the_generation_loss_rewards_what_the_update_config_names(tmp_path, tiny_sim_config, tiny_slm_dir,
+                                                                  toy_task_path, monkeypatch, source):
+    """round.update.reward = "judged": the advantage comes from the filter's mix (here all LLM),
+    not from the SLMs' reward; "slms" (the default) keeps the seed's reward."""
+    import numpy as np
+
+    import crosslm_server.round as round_mod
+    from crosslm_server.reward import reward, standardise_per_label
+
+    seen = {}
+    real_update, real_judged = round_mod.update_llm, round_mod.judged_proba
+
+    def judged_proba(scores, *args):
+        judged, w = real_judged(scores, *args)
+        seen["judged"], seen["slm_advantage"] = judged, scores.advantage
+        return judged, w
+
+    def update_llm(llm, task, prompts, texts, labels, advantage, *args, **kwargs):
+        seen["advantage"], seen["labels"] = np.asarray(advantage), labels
+        return real_update(llm, task, prompts, texts, labels, advantage, *args, **kwargs)
+
+    monkeypatch.setattr(round_mod, "judged_proba", judged_proba)
+    monkeypatch.setattr(round_mod, "update_llm", update_llm)
+    task = load_task(toy_task_path)
+    slm_dir = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "submitted")
+    engine = create_engine("crosslm", {"config": str(tiny_sim_config), "tasks": [str(toy_task_path)],
+                                       "adapters_dir": str(tmp_path / "adapters"), "background": False,
+                                       "set": ["round.filter.llm_weight=1.0", f'round.update.reward="{source}"']})
+    engine.run_round(_request(tmp_path, slm_dir), lambda *_: None)
+    expected = (seen["slm_advantage"] if source == "slms"
+                else standardise_per_label(reward(seen["judged"], seen["labels"]), seen["labels"]))
+    assert np.allclose(seen["advantage"], expected)
+    assert not np.allclose(seen["slm_advantage"], standardise_per_label(reward(seen["judged"], seen["labels"]),
+                                                                        seen["labels"]))  # the two differ here
+
+
+def test_an_unknown_reward_source_is_refused():
+    from crosslm_server.llm_update import UpdateConfig
+    from crosslm_shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="round.update.reward"):
+        UpdateConfig(reward="judge")
