@@ -189,3 +189,16 @@ def test_the_final_sync_hands_every_silo_the_whole_pool(tmp_path, tiny_sim_confi
 def test_a_final_sync_without_the_pool_is_refused(tiny_sim_config):
     with pytest.raises(ConfigError, match="final_sync = true needs synthetic_pool"):
         load_config(str(tiny_sim_config), ["final_sync=true", "synthetic_pool=false"])
+
+
+def test_a_run_is_the_same_whether_its_baselines_came_from_the_cache(tmp_path, tiny_sim_config):
+    """The rounds must not depend on the cache's state: computing the baselines draws from
+    torch's generator, reading them does not."""
+    from crosslm_server.simulate import simulate
+
+    cfg = load_config(str(tiny_sim_config), ["rounds=1"])
+    cold = simulate(cfg, tmp_path / "cold", cache_dir=tmp_path / "cache")
+    warm = simulate(cfg, tmp_path / "warm", cache_dir=tmp_path / "cache")
+    assert [s["acc_after"] for s in cold["silos"].values()] == [s["acc_after"] for s in warm["silos"].values()]
+    assert cold["rounds"][0]["kl"] == warm["rounds"][0]["kl"]
+    assert cold["llm"]["acc_after"] == warm["llm"]["acc_after"]
