@@ -44,7 +44,8 @@ ABLATIONS: dict[str, list[str]] = {
     "with_auto_llm_filter_prior_anchor_sync": ['round.filter.llm_weight="auto"', "round.update.gamma_prior=1.0",
                                                "final_sync=true"],
     # a candidate on top of the automatic weight: the generation loss rewards what the filter
-    # judges with, not the SLMs alone (on RT the SLMs are near chance and their reward is noise)
+    # judges with, not the SLMs alone (on RT the SLMs are near chance and their reward is noise);
+    # the same as crosslm unless filter.llm_weight > 0: study it with --set round.filter.llm_weight="auto"
     "judged_reward": ['round.update.reward="judged"'],
 }
 BASELINES = ("silo_only", "zerogen")
