@@ -61,23 +61,54 @@ def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 
 def label_logits(model, tokenizer, task: TaskSpec, texts, verb_ids: list[int], *, max_length: int = 192):
-    """Logits of each label's verbalizer token after the classification prompt: shape (n, K)."""
+    """Logits of each label's verbalizer token after the classification prompt: shape (n, K).
+
+    The prompt's tokens that every row shares (the chat template's system turn and the
+    instruction: about half of a review's) run once, as a cache the rows continue from, and only
+    each row's last position goes through the LM head (the full-vocabulary logits of every
+    position were most of an evaluation's time and memory). Gradients flow through both."""
     rows = []
     for text in texts:
         ids = tokenizer(classification_prompt(tokenizer, task, text), add_special_tokens=False)["input_ids"]
         rows.append(ids[-max_length:])
     device = next(model.parameters()).device
+    shared = _shared_prefix(rows)
+    cache = None
+    if shared:
+        cache = model(input_ids=torch.as_tensor([rows[0][:shared]], device=device), use_cache=True).cache
+        cache.batch_repeat_interleave(len(rows))
+        rows = [r[shared:] for r in rows]
     ids, mask = pad_right(rows, tokenizer.pad_token_id, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
     last = mask.sum(1) - 1
-    return logits[torch.arange(len(rows), device=device), last][:, verb_ids].float()
+    keep = torch.unique(last)
+    if shared:
+        mask = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype, device=device), mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=shared > 0,
+                   logits_to_keep=keep).logits
+    return logits[torch.arange(len(rows), device=device), torch.searchsorted(keep, last)][:, verb_ids].float()
+
+
+def _shared_prefix(rows: list[list[int]], *, min_tokens: int = 8) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own; 0 if under ``min_tokens``."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[i] != first[i]), n)
+    return n if n >= min_tokens else 0
 
 
 def batched_label_logits(llm, task: TaskSpec, texts, *, batch_size: int = 16):
-    """:func:`label_logits` of the LLM (eval mode, no gradient) over ``texts`` in batches: (n, K) on CPU."""
+    """:func:`label_logits` of the LLM (eval mode, no gradient) over ``texts`` in batches: (n, K) on CPU,
+    in the order of ``texts``. Batches are of texts of similar length, so little of them is padding."""
     verb = verbalizer_ids(llm.tokenizer, task)
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     llm.model.eval()
     with torch.no_grad():
-        out = [label_logits(llm.model, llm.tokenizer, task, list(texts[i:i + batch_size]), verb).cpu()
+        out = [label_logits(llm.model, llm.tokenizer, task, [texts[j] for j in order[i:i + batch_size]], verb).cpu()
                for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, task.num_labels)
+    if not out:
+        return torch.zeros(0, task.num_labels)
+    result = torch.empty(len(texts), task.num_labels)
+    result[torch.as_tensor(order)] = torch.cat(out)
+    return result
