@@ -30,6 +30,10 @@ ABLATIONS: dict[str, list[str]] = {
     "submitter_reward": ['round.reward_from="submitter"'],
     "hard_labels": ['round.enhance.labels="hard"'],
     "uncentred_task_loss": ["round.update.task_centering=false"],
+    # the protocol's two later parts (defaults since 2026-12-02): the LLM's judgement in the filter
+    # at the automatic weight, and the anchor on the LLM's label prior
+    "no_llm_judge": ["round.filter.llm_weight=0"],
+    "no_prior_anchor": ["round.update.gamma_prior=0"],
     # not an ablation but a candidate: the LLM's own centred label judgement in the filter
     "with_llm_filter": ["round.filter.llm_weight=0.5"],
     # a candidate too: hold the LLM's label prior, which the centred task loss cannot see
