@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm_server.llm import LLM
-from crosslm_server.prompts import label_logits, pad_right, verbalizer_ids
+from crosslm_server.prompts import label_logits, pad_right, shared_prefix, shared_prefix_forward, verbalizer_ids
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.tasks import TaskSpec
 
@@ -70,11 +70,12 @@ class GenBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     gen_mask: torch.Tensor
+    shared: int = 0  # leading prompt tokens every row has (:func:`shared_prefix_forward` runs them once)
 
 
 def build_gen_batch(tokenizer, prompts: Sequence[str], texts: Sequence[str], closing: str, *,
                     max_length: int, device) -> GenBatch:
-    rows, gen_rows = [], []
+    rows, gen_rows, prompt_rows = [], [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for prompt, text in zip(prompts, texts):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -82,16 +83,22 @@ def build_gen_batch(tokenizer, prompts: Sequence[str], texts: Sequence[str], clo
         g = g[: max(1, max_length - len(p))]
         rows.append(p + g)
         gen_rows.append([0] * len(p) + [1] * len(g))
+        prompt_rows.append(p)
     ids, mask = pad_right(rows, tokenizer.pad_token_id, device)
     gen_mask, _ = pad_right(gen_rows, 0, device)
-    return GenBatch(ids, mask, gen_mask)
+    return GenBatch(ids, mask, gen_mask, shared_prefix(prompt_rows))
 
 
 def gen_terms(model, batch: GenBatch, advantage: torch.Tensor, *, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_gen, token-mean KL(G_θ‖G_0)) on the generated tokens of ``batch``."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    target = batch.input_ids[:, 1:]
-    mask = batch.gen_mask[:, 1:].float()
+    """(L_gen, token-mean KL(G_θ‖G_0)) on the generated tokens of ``batch``.
+
+    Only the positions that predict a generated token of some row go through the LM head (the
+    prompt's do not count in either term, and were most of the full-vocabulary logits), and the
+    prompt's tokens every row shares run once (:func:`shared_prefix_forward`)."""
+    keep = torch.nonzero(batch.gen_mask[:, 1:].any(0)).squeeze(-1)
+    logits = shared_prefix_forward(model, batch.input_ids, batch.attention_mask, shared=batch.shared, keep=keep).float()
+    target = batch.input_ids[:, keep + 1]
+    mask = batch.gen_mask[:, keep + 1].float()
     logp = torch.log_softmax(logits, -1)
     tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     seq_logp = (tok_logp * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -99,7 +106,7 @@ def gen_terms(model, batch: GenBatch, advantage: torch.Tensor, *, with_kl: bool)
     if not with_kl:
         return l_gen, torch.zeros((), device=logits.device)
     with torch.no_grad(), model.disable_adapter():
-        base = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        base = shared_prefix_forward(model, batch.input_ids, batch.attention_mask, shared=batch.shared, keep=keep).float()
         base_logp = torch.log_softmax(base, -1)
     kl_tok = (logp.exp() * (logp - base_logp)).sum(-1)
     kl = (kl_tok * mask).sum() / mask.sum().clamp(min=1)

@@ -72,23 +72,28 @@ def label_logits(model, tokenizer, task: TaskSpec, texts, verb_ids: list[int], *
         ids = tokenizer(classification_prompt(tokenizer, task, text), add_special_tokens=False)["input_ids"]
         rows.append(ids[-max_length:])
     device = next(model.parameters()).device
-    shared = _shared_prefix(rows)
-    cache = None
-    if shared:
-        cache = model(input_ids=torch.as_tensor([rows[0][:shared]], device=device), use_cache=True).cache
-        cache.batch_repeat_interleave(len(rows))
-        rows = [r[shared:] for r in rows]
     ids, mask = pad_right(rows, tokenizer.pad_token_id, device)
     last = mask.sum(1) - 1
     keep = torch.unique(last)
-    if shared:
-        mask = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype, device=device), mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=shared > 0,
-                   logits_to_keep=keep).logits
+    logits = shared_prefix_forward(model, ids, mask, shared=shared_prefix(rows), keep=keep)
     return logits[torch.arange(len(rows), device=device), torch.searchsorted(keep, last)][:, verb_ids].float()
 
 
-def _shared_prefix(rows: list[list[int]], *, min_tokens: int = 8) -> int:
+def shared_prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, *, shared: int,
+                          keep: torch.Tensor) -> torch.Tensor:
+    """Logits (rows, len(keep), vocab) at the sequence positions ``keep`` (each >= ``shared``) of
+    right-padded rows whose first ``shared`` tokens are the same in every row: those run once, as a
+    KV cache the rows continue from; only the kept positions go through the LM head. Exact, and
+    gradients flow through the cache (the adapter shapes it too)."""
+    if not shared:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    cache = model(input_ids=ids[:1, :shared], use_cache=True).cache
+    cache.batch_repeat_interleave(len(ids))
+    return model(input_ids=ids[:, shared:], attention_mask=mask, cache=cache, use_cache=True,
+                 logits_to_keep=keep - shared).logits
+
+
+def shared_prefix(rows: list[list[int]], *, min_tokens: int = 8) -> int:
     """Tokens every row starts with, leaving each row at least one of its own; 0 if under ``min_tokens``."""
     n = min(len(r) for r in rows) - 1
     first = rows[0]
