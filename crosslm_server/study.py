@@ -34,6 +34,8 @@ ABLATIONS: dict[str, list[str]] = {
     # at the automatic weight, and the anchor on the LLM's label prior
     "no_llm_judge": ["round.filter.llm_weight=0"],
     "no_prior_anchor": ["round.update.gamma_prior=0"],
+    # the candidates below led to the protocol; their overrides now apply on top of it (the
+    # example configs' defaults), so with_auto_llm_filter_prior_anchor runs what crosslm runs
     # not an ablation but a candidate: the LLM's own centred label judgement in the filter
     "with_llm_filter": ["round.filter.llm_weight=0.5"],
     # a candidate too: hold the LLM's label prior, which the centred task loss cannot see
