@@ -375,6 +375,7 @@ def _follow(children: list[Child], progress, *, started: float, timeout_s: float
         if progress.server_failure:
             raise ChildFailed(children[0], None, f"the server cannot run rounds: {progress.server_failure}")
         if all(c.poll() == 0 for c in silos):
+            progress.update(final=True)
             return
         if timeout_s and time.monotonic() - started > timeout_s:
             raise TimeoutError(f"the demo ran past --timeout {timeout_s:.0f} s")

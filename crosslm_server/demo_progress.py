@@ -72,14 +72,16 @@ class Progress:
         self.next_http = 0.0
         self.width = max(len(f"{n} ({a})") for n, a in layout.archs.items())
 
-    def update(self) -> None:
+    def update(self, *, final: bool = False) -> None:
+        """Print what moved on; ``final`` polls the server now (its last state, e.g. every round
+        done, is printed even when the rounds finished between two polls)."""
         for name, arch in self.layout.archs.items():
             try:
                 status = json.loads((self.layout.out / name / "status.json").read_text())
             except (OSError, ValueError):
                 continue
             self._say(name, f"{name} ({arch})", describe(status))
-        if time.monotonic() >= self.next_http:
+        if final or time.monotonic() >= self.next_http:
             self.next_http = time.monotonic() + self.http_every_s
             line, detail = self._server()
             self._say("server", "server", line, detail)
