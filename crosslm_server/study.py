@@ -187,7 +187,8 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                              **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
     summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {},
                      "gate": gate_summary(out, seeds=seeds, arms=arms),
-                     "label_quality": label_quality_summary(out, seeds=seeds, arms=arms)}
+                     "label_quality": label_quality_summary(out, seeds=seeds, arms=arms),
+                     "ablations": ablation_summary(out, seeds=seeds, arms=arms)}
     for arm, accs in per_arm.items():
         by_seed = {}
         for (seed, _), acc in accs.items():
@@ -220,6 +221,33 @@ def _finished_runs(out: Path, seeds: list[int], arms: list[str]):
             rep = _load(out, arm, seed)
             if rep is not None:
                 yield arm, rep
+
+
+def ablation_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+    """Each arm against crosslm (the protocol) on the seeds both finished: the SLMs' mean and the
+    LLM's figures after the rounds, side by side, so a part is judged on the same seeds."""
+    found: dict = {}
+    for arm in arms:
+        if arm == "crosslm":
+            continue
+        pairs = [(s, _load(out, arm, s), _load(out, "crosslm", s)) for s in seeds]
+        pairs = [(s, a, c) for s, a, c in pairs if a is not None and c is not None]
+        if not pairs:
+            continue
+        row: dict = {"seeds": [s for s, _, _ in pairs]}
+        for name, rep in (("arm", 1), ("protocol", 2)):
+            reps = [p[rep] for p in pairs]
+            llm = [r["llm"] for r in reps]
+            row[name] = {
+                "slm": float(np.mean([np.mean([final_acc(x) for x in r["silos"].values()]) for r in reps])),
+                "llm_acc_after": float(np.mean([m["acc_after"] for m in llm])),
+                "on_label_after": float(np.mean([m["on_label_after"] for m in llm])),
+                "ppl_change": float(np.mean([m["ppl_after"] / m["ppl_before"] - 1 for m in llm])),
+                **({"balanced_acc_after": float(np.mean([m["balanced_acc_after"] for m in llm]))}
+                   if all("balanced_acc_after" in m for m in llm) else {}),
+            }
+        found[arm] = row
+    return found
 
 
 def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
@@ -329,6 +357,21 @@ def render(summary: dict) -> str:
                     f"{100 * m['balanced_acc_after']['mean']:.1f} % ({m['balanced_acc_after']['n']} seeds)"
                     if "balanced_acc_after" in m and "balanced_acc_before" in m else "")
         lines.append(f"- {arm}: before {rates('before')}; after {rates('after')}{balanced}; KL per round {kls}")
+    if summary.get("ablations"):
+        lines += ["", "## Each arm against the protocol (crosslm) on the seeds both finished", "",
+                  "SLMs: test accuracy, mean over silos and those seeds (%); protocol vs arm: the paired "
+                  "difference in points (> 0: what the part the arm removes earns). LLM after the rounds, "
+                  "arm / protocol:", "",
+                  "| arm | seeds | SLMs, arm | SLMs, protocol | protocol vs arm | LLM raw zero-shot | "
+                  "LLM balanced | judge on-label | ppl change |", "|---|---|---|---|---|---|---|---|---|"]
+        for arm, row in summary["ablations"].items():
+            a, p = row["arm"], row["protocol"]
+            c = summary["comparisons"].get(f"crosslm_vs_{arm}")
+            diff = f"{c['mean']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}] ({c['n_pairs']} pairs)" if c else "–"
+            pct = lambda k: (f"{100 * a[k]:.1f} / {100 * p[k]:.1f} %" if k in a and k in p else "–")  # noqa: E731
+            lines.append(f"| {arm} | {', '.join(map(str, row['seeds']))} | {100 * a['slm']:.1f} | {100 * p['slm']:.1f} | "
+                         f"{diff} | {pct('llm_acc_after')} | {pct('balanced_acc_after')} | {pct('on_label_after')} | "
+                         f"{100 * a['ppl_change']:+.1f} / {100 * p['ppl_change']:+.1f} % |")
     if summary.get("label_quality"):
         lines += ["", "## Label quality of the synthetic data, by the judge", "",
                   "The judge's agreement with the intended label over all generated texts and over the "

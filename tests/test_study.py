@@ -46,6 +46,13 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     for q in quality.values():
         assert 0 <= q["judge_on_label"]["mean"] <= 1 and q["judge_on_label"]["n"] == 2
     assert "Label quality of the synthetic data" in (out / "study.md").read_text()
+    # each ablation beside the protocol on the same seeds
+    row = summary["ablations"]["no_kl"]
+    assert row["seeds"] == [0, 1] and set(summary["ablations"]) == {"no_kl"}
+    assert row["protocol"]["slm"] == pytest.approx(summary["arms"]["crosslm"]["mean"])
+    assert row["arm"]["slm"] == pytest.approx(summary["arms"]["no_kl"]["mean"])
+    assert row["protocol"]["llm_acc_after"] == pytest.approx(summary["llm"]["crosslm"]["acc_after"]["mean"])
+    assert "Each arm against the protocol" in (out / "study.md").read_text()
     assert summary["llm"]["crosslm"]["balanced_acc_after"]["n"] == 2 and "balanced accuracy" in (out / "study.md").read_text()
     # the baselines are computed once per seed and shared by the arms
     assert len(list((out / "cache").glob("zerogen-*.json"))) == 2
@@ -57,7 +64,8 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     # --summary-only runs nothing and summarises what has finished: no_kl now has one seed
     assert main([*args, "--summary-only"]) == 0
     assert not report_0.exists()
-    assert json.loads((out / "study.json").read_text())["arms"]["no_kl"]["n"] == 1
+    one_seed = json.loads((out / "study.json").read_text())
+    assert one_seed["arms"]["no_kl"]["n"] == 1 and one_seed["ablations"]["no_kl"]["seeds"] == [1]
     assert main(args) == 0
     assert report.stat().st_mtime_ns == stamp and report_0.exists()
     # the headline figures docs/results.json keeps, merged per task
