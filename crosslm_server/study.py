@@ -235,8 +235,7 @@ def ablation_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
         if not pairs:
             continue
         row: dict = {"seeds": [s for s, _, _ in pairs]}
-        for name, rep in (("arm", 1), ("protocol", 2)):
-            reps = [p[rep] for p in pairs]
+        for name, reps in (("arm", [a for _, a, _ in pairs]), ("protocol", [c for _, _, c in pairs])):
             llm = [r["llm"] for r in reps]
             row[name] = {
                 "slm": float(np.mean([np.mean([final_acc(x) for x in r["silos"].values()]) for r in reps])),
