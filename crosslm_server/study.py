@@ -146,6 +146,21 @@ def _load(out: Path, arm: str, seed: int) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+Reports = dict[tuple[str, int], dict]
+
+
+def _finished_runs(out: Path, seeds: list[int], arms: list[str]) -> Reports:
+    """The report of every finished run, keyed (arm, seed), seed by seed; the protocol's
+    (crosslm) always, as every arm is compared with it."""
+    found = {}
+    for seed in seeds:
+        for arm in dict.fromkeys(("crosslm", *arms)):
+            rep = _load(out, arm, seed)
+            if rep is not None:
+                found[arm, seed] = rep
+    return found
+
+
 def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     """Per arm the silo-mean final accuracy over seeds, per-silo figures and paired intervals."""
     own = {a: zerogen_of(a) for a in arms if a != "crosslm" and zerogen_of(a)}
@@ -156,8 +171,9 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     curves: dict[str, list[list[float]]] = {a: [] for a in arms}
     llm: dict[str, list[dict]] = {a: [] for a in arms}
     archs: dict[str, str] = {}
+    reports = _finished_runs(out, seeds, arms)
     for seed in seeds:
-        base = _load(out, "crosslm", seed)
+        base = reports.get(("crosslm", seed))
         if base is None:
             continue
         for silo, s in base["silos"].items():
@@ -165,7 +181,7 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
             per_arm["silo_only"][(seed, silo)] = s["acc_local"]
             per_arm["zerogen"][(seed, silo)] = base["baselines"]["zerogen"]["silos"][silo]["acc"]
         for arm in arms:
-            rep = _load(out, arm, seed)
+            rep = reports.get((arm, seed))
             if rep is None:
                 continue
             for silo, s in rep["silos"].items():
@@ -186,9 +202,9 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
                              **{f"pred_rate_before_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_before"])},
                              **{f"pred_rate_after_{lab}": v for lab, v in _rates(rep["llm"]["pred_rate_after"])}})
     summary: dict = {"seeds": seeds, "arms": {}, "comparisons": {}, "per_silo": {}, "curves": {}, "llm": {},
-                     "gate": gate_summary(out, seeds=seeds, arms=arms),
-                     "label_quality": label_quality_summary(out, seeds=seeds, arms=arms),
-                     "ablations": ablation_summary(out, seeds=seeds, arms=arms)}
+                     "gate": gate_summary(reports, arms),
+                     "label_quality": label_quality_summary(reports, arms),
+                     "ablations": ablation_summary(reports, seeds, arms)}
     for arm, accs in per_arm.items():
         by_seed = {}
         for (seed, _), acc in accs.items():
@@ -214,23 +230,19 @@ def summarise(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     return summary
 
 
-def _finished_runs(out: Path, seeds: list[int], arms: list[str]):
-    """(arm, report) of every finished run, seed by seed."""
-    for seed in seeds:
-        for arm in arms:
-            rep = _load(out, arm, seed)
-            if rep is not None:
-                yield arm, rep
+def _of_arms(reports: Reports, arms: list[str]):
+    """(arm, report) of the finished runs of these arms, seed by seed."""
+    return [(arm, rep) for (arm, _), rep in reports.items() if arm in arms]
 
 
-def ablation_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+def ablation_summary(reports: Reports, seeds: list[int], arms: list[str]) -> dict:
     """Each arm against crosslm (the protocol) on the seeds both finished: the SLMs' mean and the
     LLM's figures after the rounds, side by side, so a part is judged on the same seeds."""
     found: dict = {}
     for arm in arms:
         if arm == "crosslm":
             continue
-        pairs = [(s, _load(out, arm, s), _load(out, "crosslm", s)) for s in seeds]
+        pairs = [(s, reports.get((arm, s)), reports.get(("crosslm", s))) for s in seeds]
         pairs = [(s, a, c) for s, a, c in pairs if a is not None and c is not None]
         if not pairs:
             continue
@@ -249,13 +261,13 @@ def ablation_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
     return found
 
 
-def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+def gate_summary(reports: Reports, arms: list[str]) -> dict:
     """What each silo's keep-if-better gate earned, on test data the silo never sees: per arm,
     the decisions, how many refused the continued model, and the mean test accuracy of the
     model kept minus the one continued (points; > 0: the gate helped). Runs made before the
     reports carried ``acc_returned`` are left out."""
     pairs: dict[str, list[tuple[float, float, bool]]] = {}
-    for arm, rep in _finished_runs(out, seeds, arms):
+    for arm, rep in _of_arms(reports, arms):
         for rnd in rep["rounds"]:
             for s in rnd["silos"].values():
                 if "acc_returned" in s:
@@ -277,12 +289,12 @@ def gate_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
 QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc", "llm_weight")
 
 
-def label_quality_summary(out: Path, *, seeds: list[int], arms: list[str]) -> dict:
+def label_quality_summary(reports: Reports, arms: list[str]) -> dict:
     """Per arm and round (ZeroGen: its one generation), the judge's view of the synthetic data:
     on-label rate of all generated and of the kept texts, and the reward's AUC for on-label
     texts; means ± std over seeds. Runs made before reports carried these are left out."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for arm, rep in _finished_runs(out, seeds, arms):
+    for arm, rep in _of_arms(reports, arms):
         for rnd in rep["rounds"]:
             for k in QUALITY:
                 per_silo = [s[k] for s in rnd["silos"].values() if k in s]
