@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     st = sub.add_parser("study", help="run every arm over several seeds (resumable) and compare with intervals")
     st.add_argument("--config", default="examples/rt-4silo.toml", help="TOML config (default: %(default)s)")
-    st.add_argument("--out", default="runs/study", help="output folder; rerun to resume (default: %(default)s)")
+    st.add_argument("--out", default="runs/study", help="output folder; rerun to resume; several processes may share it, "
+                    "each takes the runs no other is running (default: %(default)s)")
     st.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
     st.add_argument("--first-seed", type=int, default=0, help="first seed (default: %(default)s)")
     st.add_argument("--arms", default=None,

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from crosslm_server.config import load_config
 from crosslm_server.report import final_acc
 from crosslm_server.stats import mean_std, paired_bootstrap
+from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there each study process runs every missing pair itself
+    fcntl = None
 
 ABLATIONS: dict[str, list[str]] = {
     "crosslm": [],
@@ -71,9 +81,6 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     """Run the missing (arm, seed) pairs into ``out/runs`` and summarise. ``cache_dir`` (default
     ``out/cache``) holds the baselines; another study of the same task and splits can share it.
     ``run=False`` only summarises what has finished (e.g. while another process runs the rest)."""
-    from crosslm_server.report import write_report
-    from crosslm_server.simulate import simulate
-
     unknown = set(arms) - set(ABLATIONS)
     if unknown:
         raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
@@ -85,25 +92,17 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
             run_dir = out / "runs" / arm / f"seed-{seed}"
             cfg = load_config(config, [*overrides, *ABLATIONS[arm], f"seed={seed}",
                                        f"zerogen={'true' if zerogen_of(arm) else 'false'}"])
-            rep = _load(out, arm, seed)
-            if rep is not None:
-                _check_same_config(rep, cfg, run_dir)
-            if rep is not None and (not cfg.zerogen or "zerogen" in rep["baselines"]):
-                log.info("study: %s seed %d already done, skipping", arm, seed)
-            elif rep is not None:  # finished before the arm had its own ZeroGen: add only that
-                log.info("study: %s seed %d: adding its own ZeroGen baseline", arm, seed)
-                base = simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache", baselines_only=True)
-                rep["baselines"]["zerogen"] = base["baselines"]["zerogen"]
-                rep["timing"]["zerogen_s"] = base["timing"]["zerogen_s"]
-                write_report(rep, run_dir)
-            else:
-                log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
-                simulate(cfg, run_dir, cache_dir=cache_dir or out / "cache")
+            with _run_lock(run_dir) as holder:
+                if holder is not None:
+                    log.info("study: %s seed %d is running in another process (%s), skipping", arm, seed, holder)
+                    continue
+                _run_pair(out, arm, seed, cfg, run_dir, cache_dir or out / "cache")
     summary = summarise(out, seeds=seeds, arms=arms)
     summary["task"] = load_config(config, list(overrides)).task
     summary["headline"] = headline(summary)
-    (out / "study.json").write_text(json.dumps(summary, indent=2))
-    (out / "study.md").write_text(render(summary))
+    # atomic: several processes may share this study (_run_lock), each summarising when it ends
+    write_text_atomic(out / "study.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "study.md", render(summary))
     try:
         from crosslm_server.plots import study_plots
 
@@ -111,6 +110,54 @@ def run_study(config: str | None, out: Path, *, seeds: list[int], arms: list[str
     except ImportError as e:  # matplotlib is a dependency; a broken install must not lose the numbers
         log.warning("plots skipped: %s", e)
     return summary
+
+
+def _run_pair(out: Path, arm: str, seed: int, cfg, run_dir: Path, cache_dir: Path) -> None:
+    """Run one (arm, seed) unless it has finished (then only check it ran this configuration)."""
+    from crosslm_server.report import write_report
+    from crosslm_server.simulate import simulate
+
+    rep = _load(out, arm, seed)  # read under the lock: another process may have just finished it
+    if rep is not None:
+        _check_same_config(rep, cfg, run_dir)
+    if rep is not None and (not cfg.zerogen or "zerogen" in rep["baselines"]):
+        log.info("study: %s seed %d already done, skipping", arm, seed)
+    elif rep is not None:  # finished before the arm had its own ZeroGen: add only that
+        log.info("study: %s seed %d: adding its own ZeroGen baseline", arm, seed)
+        base = simulate(cfg, run_dir, cache_dir=cache_dir, baselines_only=True)
+        rep["baselines"]["zerogen"] = base["baselines"]["zerogen"]
+        rep["timing"]["zerogen_s"] = base["timing"]["zerogen_s"]
+        write_report(rep, run_dir)
+    else:
+        log.info("study: running %s seed %d -> %s", arm, seed, run_dir)
+        simulate(cfg, run_dir, cache_dir=cache_dir)
+
+
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[str | None]:
+    """Hold ``run_dir`` for this process while it runs, so several ``crosslm study`` processes on
+    one ``--out`` (one per core) share the missing runs out instead of all running the first.
+    Yields None when held, or who holds it. An OS lock (flock): a killed process leaves no stale
+    claim behind, and the file (``seed-<n>.study-lock`` beside the run) goes once the run ends."""
+    if fcntl is None:
+        yield None
+        return
+    path = run_dir.with_name(f"{run_dir.name}.study-lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            yield f.read().strip() or "another process"
+            return
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

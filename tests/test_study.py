@@ -210,3 +210,27 @@ def test_a_run_is_the_same_whether_its_baselines_came_from_the_cache(tmp_path, t
     assert [s["acc_after"] for s in cold["silos"].values()] == [s["acc_after"] for s in warm["silos"].values()]
     assert cold["rounds"][0]["kl"] == warm["rounds"][0]["kl"]
     assert cold["llm"]["acc_after"] == warm["llm"]["acc_after"]
+
+
+def test_a_run_another_study_process_holds_is_left_to_it(tmp_path, tiny_sim_config, caplog):
+    fcntl = pytest.importorskip("fcntl")  # POSIX: elsewhere each study process runs every missing pair
+
+    out = tmp_path / "study"
+    args = ["study", "--config", str(tiny_sim_config), "--out", str(out), "--seeds", "1", "--arms", "crosslm,no_kl",
+            "--set", "rounds=1"]
+    lock = out / "runs" / "no_kl" / "seed-0.study-lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:  # another process running no_kl seed 0 (flock: per open file)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with caplog.at_level("INFO", logger="crosslm_server.study"):
+            assert main(args) == 0
+    assert (out / "runs" / "crosslm" / "seed-0" / "report.json").exists()
+    assert not (out / "runs" / "no_kl" / "seed-0" / "report.json").exists()
+    assert "no_kl seed 0 is running in another process (pid 4242 on elsewhere)" in caplog.text
+    assert json.loads((out / "study.json").read_text())["arms"]["crosslm"]["n"] == 1
+    # the holder gone (killed: the OS drops its lock), the next study runs it and leaves no lock behind
+    assert main(args) == 0
+    assert (out / "runs" / "no_kl" / "seed-0" / "report.json").exists()
+    assert not list(out.rglob("*.study-lock"))
