@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 try:
     import fcntl
-except ImportError:  # not on Windows: there each study process runs every missing pair itself
+except ImportError:  # Windows has no fcntl: there each study process runs every missing pair itself
     fcntl = None
 
 ABLATIONS: dict[str, list[str]] = {
