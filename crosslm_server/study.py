@@ -38,6 +38,9 @@ ABLATIONS: dict[str, list[str]] = {
     "no_filter": ["round.filter.enabled=false"],
     "no_task_loss": ["round.update.gamma_task=0"],
     "submitter_reward": ['round.reward_from="submitter"'],
+    # soft labels were the protocol's until 2026-12-03 and earned nothing measurable (docs/results.md);
+    # hard_labels reruns that ablation of the soft-label protocol (--set round.enhance.labels="soft")
+    "soft_labels": ['round.enhance.labels="soft"'],
     "hard_labels": ['round.enhance.labels="hard"'],
     "uncentred_task_loss": ["round.update.task_centering=false"],
     # the protocol's two later parts (defaults since 2026-12-02): the LLM's judgement in the filter
