@@ -4,7 +4,7 @@ Hard labels (the default) are the intended labels; soft labels are the filter's 
 judgement (the SLM ensemble, with the LLM's at ``filter.llm_weight``: distillation of what the
 other silos know), mixed with the intended label so a sample the ensemble doubts still leans the
 way it was asked for. Soft labels earned the SLMs nothing measurable over three seeds on either
-task (docs/results.md, "Ablations against the protocol": RT −2.1 [−5.0, +0.8] points, SMS spam
+task (docs/results.md, "Ablations against the soft-label protocol": RT −2.1 [−5.0, +0.8] points, SMS spam
 +1.1 [−1.6, +3.4]), so the simpler hard labels are the default since 2026-12-03.
 """
 
