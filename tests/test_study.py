@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,16 @@ def test_a_run_another_study_process_holds_is_left_to_it(tmp_path, tiny_sim_conf
     assert main(args) == 0
     assert (out / "runs" / "no_kl" / "seed-0" / "report.json").exists()
     assert not list(out.rglob("*.study-lock"))
+
+
+@pytest.mark.parametrize("config", ["examples/rt-4silo.toml", "examples/sms-4silo.toml"])
+def test_every_arm_loads_on_the_example_configs(config):
+    """A typo in an arm's overrides would surface only hours into a study; here it fails at once."""
+    from crosslm_server.study import ABLATIONS
+
+    root = Path(__file__).resolve().parents[1]
+    for arm, overrides in ABLATIONS.items():
+        cfg = load_config(root / config, overrides)
+        assert cfg is not None, arm
+    weak = load_config(root / config, ABLATIONS["weak_prior_anchor"])
+    assert weak.round.update.gamma_prior == pytest.approx(0.3)
