@@ -375,8 +375,8 @@ def headline(summary: dict) -> dict:
     out: dict = {"seeds": done}
     # against the strongest ZeroGen the study ran on as many seeds (e.g. its own label mode's): its
     # choice is made on the test figures, which can only favour the baseline
-    zerogens = {a: s for a, s in summary["arms"].items()
-                if (a == "zerogen" or a.startswith("zerogen_")) and s["n"] == done and done}
+    names = {zerogen_of(a) for a in ("crosslm", *OWN_ZEROGEN)}
+    zerogens = {a: s for a, s in summary["arms"].items() if a in names and s["n"] == done and done}
     best = max(zerogens, key=lambda a: zerogens[a]["mean"], default="zerogen")
     for name, other in (("slm_gain_vs_silo_only", "silo_only"), ("slm_gain_vs_zerogen", best)):
         c = summary["comparisons"].get(f"crosslm_vs_{other}")
