@@ -7,8 +7,11 @@ import pytest
 from crosslm_server.cli import main
 from crosslm_server.config import load_config
 from crosslm_server.stats import mean_std, paired_bootstrap
-from crosslm_server.study import run_study
+from crosslm_server.study import ABLATIONS, run_study
 from crosslm_shared.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ["examples/rt-4silo.toml", "examples/sms-4silo.toml"]
 
 
 def test_paired_bootstrap_interval_contains_mean_and_detects_a_shift():
@@ -241,14 +244,15 @@ def test_a_run_another_study_process_holds_is_left_to_it(tmp_path, tiny_sim_conf
     assert not list(out.rglob("*.study-lock"))
 
 
-@pytest.mark.parametrize("config", ["examples/rt-4silo.toml", "examples/sms-4silo.toml"])
-def test_every_arm_loads_on_the_example_configs(config):
+@pytest.mark.parametrize("config", EXAMPLES)
+@pytest.mark.parametrize("arm", sorted(ABLATIONS))
+def test_every_arm_loads_on_the_example_configs(arm, config):
     """A typo in an arm's overrides would surface only hours into a study; here it fails at once."""
-    from crosslm_server.study import ABLATIONS
+    load_config(ROOT / config, ABLATIONS[arm])
 
-    root = Path(__file__).resolve().parents[1]
-    for arm, overrides in ABLATIONS.items():
-        cfg = load_config(root / config, overrides)
-        assert cfg is not None, arm
-    weak = load_config(root / config, ABLATIONS["weak_prior_anchor"])
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_the_weak_prior_anchor_arm_weakens_the_anchor(config):
+    weak = load_config(ROOT / config, ABLATIONS["weak_prior_anchor"])
     assert weak.round.update.gamma_prior == pytest.approx(0.3)
+    assert load_config(ROOT / config).round.update.gamma_prior > weak.round.update.gamma_prior
