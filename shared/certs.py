@@ -15,6 +15,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +88,34 @@ def check_silo_names(silos: Sequence[str]) -> None:
 
 def make_certs(out: Path, *, server_hosts: Sequence[str], silos: Sequence[str], days: int = 825,
                force: bool = False) -> CertPaths:
-    """Write a CA, a server certificate and one client certificate per silo into `out`."""
+    """Write a CA, a server certificate and one client certificate per silo into `out`.
+
+    Contract: everything is made in a temporary folder beside `out` and moved in only when all
+    of it was made, so a failed run leaves `out` as it was (no half-made CA that a rerun would
+    then refuse to replace). `server_hosts` may name `localhost` or IPs; the server
+    certificate's CN is the first host given (else `localhost`).
+    """
     check_silo_names(silos)
+    for host in server_hosts:
+        if not host or any(c.isspace() for c in host) or "/" in host:
+            raise ConfigError(f"--server-host {host!r} is not a host name or IP address")
     out = Path(out)
-    if (out / "ca.pem").exists() or (out / "ca.key").exists():
-        if not force:
-            raise ConfigError(f"{out / 'ca.pem'} exists; new certificates would lock out every silo holding the "
-                              "old ones. Pass --force to replace the CA, or choose another --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *server_hosts]))
+    if ((out / "ca.pem").exists() or (out / "ca.key").exists()) and not force:
+        raise ConfigError(f"{out / 'ca.pem'} exists; new certificates would lock out every silo holding the "
+                          "old ones. Pass --force to replace the CA, or choose another --out folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hosts = list(dict.fromkeys([*server_hosts, *DEFAULT_HOSTS]))
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        made = _make_all(Path(tmp), hosts=hosts, silos=silos, days=days)
+        out.mkdir(exist_ok=True)
+        for name in made:  # the keys first would not help: every file is complete before any is moved
+            os.replace(Path(tmp) / name, out / name)
+    return CertPaths(ca=out / "ca.pem", server_cert=out / "server.pem", server_key=out / "server.key",
+                     silos={silo: (out / f"{silo}.pem", out / f"{silo}.key") for silo in silos})
+
+
+def _make_all(tmp: Path, *, hosts: Sequence[str], silos: Sequence[str], days: int) -> list[str]:
+    """Every file of `make_certs` in `tmp`; returns their names, the CA's last."""
     ca_key = _new_key()
     ca_name = _name("CrossLM CA")
     ca = (_builder("CrossLM CA", ca_name, ca_key.public_key(), days)
@@ -104,25 +124,24 @@ def make_certs(out: Path, *, server_hosts: Sequence[str], silos: Sequence[str], 
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    _write_key(out / "ca.key", ca_key)
-    _write_cert(out / "ca.pem", ca)
 
-    def leaf(cn: str, usage, sans: Sequence[str]) -> tuple[Path, Path]:
+    def leaf(cn: str, stem: str, usage, sans: Sequence[str]) -> list[str]:
         key = _new_key()
         builder = (_builder(cn, ca_name, key.public_key(), days)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in sans]), critical=False)
-        stem = "server" if usage == ExtendedKeyUsageOID.SERVER_AUTH else cn
-        _write_key(out / f"{stem}.key", key)
-        _write_cert(out / f"{stem}.pem", builder.sign(ca_key, hashes.SHA256()))
-        return out / f"{stem}.pem", out / f"{stem}.key"
+        _write_key(tmp / f"{stem}.key", key)
+        _write_cert(tmp / f"{stem}.pem", builder.sign(ca_key, hashes.SHA256()))
+        return [f"{stem}.key", f"{stem}.pem"]
 
-    server_cert, server_key = leaf(hosts[len(DEFAULT_HOSTS)] if server_hosts else "localhost",
-                                   ExtendedKeyUsageOID.SERVER_AUTH, hosts)
-    silo_paths = {silo: leaf(silo, ExtendedKeyUsageOID.CLIENT_AUTH, ()) for silo in silos}
-    return CertPaths(ca=out / "ca.pem", server_cert=server_cert, server_key=server_key, silos=silo_paths)
+    names = leaf(hosts[0], "server", ExtendedKeyUsageOID.SERVER_AUTH, hosts)
+    for silo in silos:
+        names += leaf(silo, silo, ExtendedKeyUsageOID.CLIENT_AUTH, ())
+    _write_key(tmp / "ca.key", ca_key)
+    _write_cert(tmp / "ca.pem", ca)
+    return names + ["ca.key", "ca.pem"]
 
 
 # ---- reading and checking ------------------------------------------------------------------------

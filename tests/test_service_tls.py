@@ -67,6 +67,39 @@ def test_certs_command_writes_a_ca_a_server_and_one_certificate_per_silo(tmp_pat
     assert (out / "ca.pem").read_bytes() != before
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1"])
+def test_certs_for_localhost_or_an_ip_as_the_docs_give_it(tmp_path, host):
+    out = tmp_path / "certs"
+    assert crosslm_main(["certs", "--out", str(out), "--server-host", host, "--silos", "a"]) == 0
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    assert common_name(server) == host
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = set(sans.get_values_for_type(x509.DNSName)) | {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert {"localhost", "127.0.0.1", host} <= names
+
+
+def test_a_failed_certs_run_leaves_nothing_half_made(tmp_path, monkeypatch):
+    import crosslm_shared.certs as certs_module
+
+    real, calls = certs_module._write_cert, []
+
+    def fail_on_the_third(path, cert):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, cert)
+
+    monkeypatch.setattr(certs_module, "_write_cert", fail_on_the_third)
+    out = tmp_path / "certs"
+    with pytest.raises(OSError):
+        make_certs(out, server_hosts=["localhost"], silos=["a", "b"])
+    assert not out.exists() or not any(out.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["certs"])  # no temporary folder either
+    monkeypatch.setattr(certs_module, "_write_cert", real)
+    make_certs(out, server_hosts=["localhost"], silos=["a", "b"])  # a rerun is not refused
+    assert (out / "ca.pem").exists() and (out / "b.key").exists()
+
+
 @pytest.mark.parametrize("bad", ["a,a", "../x", "ca", ""])
 def test_certs_refuses_bad_silo_names(tmp_path, bad):
     with pytest.raises(ConfigError, match="silo"):
