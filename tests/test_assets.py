@@ -5,7 +5,7 @@ from crosslm_shared.errors import AssetMissingError
 
 
 def test_missing_package_names_it_and_the_install_command():
-    with pytest.raises(AssetMissingError, match=r"'no-such-pkg-xyz'.*requirements/assets.txt"):
+    with pytest.raises(AssetMissingError, match=r"'no-such-pkg-xyz'.*requirements/lock.txt"):
         package_file("no-such-pkg-xyz", "a/b.txt")
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as crosslm_dot_v1_dot_crosslm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
