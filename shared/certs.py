@@ -90,8 +90,9 @@ def make_certs(out: Path, *, server_hosts: Sequence[str], silos: Sequence[str], 
                force: bool = False) -> CertPaths:
     """Write a CA, a server certificate and one client certificate per silo into `out`.
 
-    Contract: everything is made in a temporary folder beside `out` and moved in only when all
-    of it was made, so a failed run leaves `out` as it was (no half-made CA that a rerun would
+    Contract: everything is made in a temporary folder inside `out` (not beside it: `out` may be a
+    mount point whose parent is not writable, as the compose demo's /certs volume is) and moved
+    in only when all of it was made, so a failed run leaves `out` as it was (no half-made CA that a rerun would
     then refuse to replace). `server_hosts` may name `localhost` or IPs; the server
     certificate's CN is the first host given (else `localhost`).
     """
@@ -103,11 +104,10 @@ def make_certs(out: Path, *, server_hosts: Sequence[str], silos: Sequence[str], 
     if ((out / "ca.pem").exists() or (out / "ca.key").exists()) and not force:
         raise ConfigError(f"{out / 'ca.pem'} exists; new certificates would lock out every silo holding the "
                           "old ones. Pass --force to replace the CA, or choose another --out folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     hosts = list(dict.fromkeys([*server_hosts, *DEFAULT_HOSTS]))
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".making-", dir=out) as tmp:
         made = _make_all(Path(tmp), hosts=hosts, silos=silos, days=days)
-        out.mkdir(exist_ok=True)
         for name in made:  # the keys first would not help: every file is complete before any is moved
             os.replace(Path(tmp) / name, out / name)
     return CertPaths(ca=out / "ca.pem", server_cert=out / "server.pem", server_key=out / "server.key",
