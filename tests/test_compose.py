@@ -127,6 +127,7 @@ def test_the_gpu_override_gives_the_server_a_gpu_and_a_cuda_torch():
     server = gpu["services"]["server"]
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "/whl/cu" in server["build"]["args"]["TORCH_INDEX_URL"]
+    assert server["build"]["args"]["TORCH_PIP_FLAGS"] == ""  # the CUDA runtime wheels come with torch
     assert server["build"]["args"]["BASE_IMAGE"] == "${CROSSLM_BASE_IMAGE:-python:3.12-slim}"
 
 
@@ -137,9 +138,10 @@ def test_dockerfiles_install_from_the_lock_pin_torch_and_drop_root(name):
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     installs = re.findall(r"pip install[^\n]*", text)
-    assert 'pip install --no-deps --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt' in installs
+    assert re.search(r"^ARG TORCH_PIP_FLAGS=--no-deps$", text, re.M)
+    assert 'pip install ${TORCH_PIP_FLAGS} --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt' in installs
     for line in installs:  # nothing resolved: torch by its pin file, the rest hash-checked from the lock
-        assert "--no-deps" in line, line
+        assert "--no-deps" in line or "${TORCH_PIP_FLAGS}" in line, line
         assert not re.search(r"\btorch\b", line.replace("requirements/torch.txt", "")), line
         assert "requirements/torch.txt" in line or "--require-hashes" in line or line.endswith(
             "--no-build-isolation ."), line
