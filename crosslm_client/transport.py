@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 
 from crosslm_shared import convert
-from crosslm_shared.bundle import Manifest
+from crosslm_shared.bundle import Manifest, open_regular
 from crosslm_shared.certs import read_pem
-from crosslm_shared.errors import CrossLMError
+from crosslm_shared.errors import BundleError, CrossLMError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.records import TERMINAL_EVENTS, Event, Submission
@@ -150,13 +150,21 @@ class CrossLMClient:
 
     def upload(self, folder: Path, manifest: Manifest, upload_id: str, *,
                on_chunk: Callable[[Chunk], None] | None = None) -> None:
-        """Send a bundle, resuming from what the server holds after any drop. Idempotent."""
+        """Send a bundle, resuming from what the server holds after any drop. Idempotent.
+
+        Only regular files inside `folder` are read (a link or special file raises BundleError
+        before, or while, anything of it is sent: `crosslm_shared.bundle.open_regular`)."""
+        for entry in manifest.files:
+            open_regular(Path(folder) / entry.name).close()
+        refused: list[BundleError] = []
+
         def attempt() -> None:
             held = self.query_upload(upload_id)
             committed, complete = held if held else ({}, False)
             # When the server says complete, a header-only stream still lets it confirm that
             # this id was registered with this very manifest (ALREADY_EXISTS otherwise).
-            messages = self._upload_messages(folder, manifest, upload_id, committed, on_chunk)
+            messages = _stop_on_refusal(self._upload_messages(folder, manifest, upload_id, committed, on_chunk),
+                                        refused)
             calls: list[grpc.Future] = []
             watchdog = IdleWatchdog(self.idle_timeout_s, lambda: [c.cancel() for c in calls])
             try:
@@ -165,6 +173,8 @@ class CrossLMClient:
                 status = calls[0].result()
             finally:
                 watchdog.close()
+            if refused:  # a file became a link while it was sent: stop, never retry
+                raise refused[0]
             if not status.complete:
                 raise TransportError(f"upload {upload_id} ended incomplete: "
                                      f"{convert.upload_status_from_pb(status)[0]}")
@@ -255,6 +265,15 @@ class CrossLMClient:
             finally:
                 part.close()
         return dest
+
+
+def _stop_on_refusal(messages: Iterator, refused: list) -> Iterator:
+    """End the stream (instead of letting grpc cancel it anonymously) when a file cannot be read
+    as a regular file; the caller raises the BundleError kept in `refused`."""
+    try:
+        yield from messages
+    except BundleError as e:
+        refused.append(e)
 
 
 def _kicking(messages: Iterator[pb.UploadRequest], watchdog: IdleWatchdog) -> Iterator[pb.UploadRequest]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import string
@@ -61,6 +62,7 @@ class Layout:
     grpc_port: int
     http_port: int
     header: dict[str, Any] = field(default_factory=dict)  # report.json's task, seed, config, settings
+    operator_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # for /v1/submissions
 
     @property
     def server_toml(self) -> Path:
@@ -152,6 +154,7 @@ grpc_host = "127.0.0.1"
 grpc_port = {layout.grpc_port}
 http_host = "127.0.0.1"
 http_port = {layout.http_port}
+operator_token = {_toml(layout.operator_token)}   # the demo's progress lines read /v1/submissions with it
 data_dir = "server"
 plaintext_dev_mode = false    # mTLS: silos present the certificates from certs/
 tls_cert = "certs/server.pem"

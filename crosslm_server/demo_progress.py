@@ -94,8 +94,9 @@ class Progress:
 
     def _get(self, path: str) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.layout.http_port}{path}"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.layout.operator_token}"})
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from crosslm_server.adapters import AdapterStore
+from crosslm_server.admission import check_slm
 from crosslm_server.config import load_config
 from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
 from crosslm_server.evaluate import general_corpus, perplexity, zero_shot
@@ -98,6 +100,7 @@ class CrossLMEngine:
         self.llm: LLM | None = None
         self.error: str | None = None
         self._version = 0  # the adapter version held in memory (0 = none, fresh LoRA)
+        self._pending: _Pending | None = None  # the round run but not yet committed or discarded
         self._lock = threading.Lock()
         self._ready = threading.Event()
         if background:
@@ -165,6 +168,13 @@ class CrossLMEngine:
     def status(self) -> str:
         return "ready" if self.ready() else (self.error or "loading the LLM")
 
+    def task_labels(self, task: str) -> tuple[str, ...] | None:
+        spec = self.tasks.get(task)
+        return tuple(spec.label_names) if spec is not None else None
+
+    def check_slm(self, folder: Path, manifest) -> dict[str, int]:
+        return dict(check_slm(folder, manifest))
+
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
         if not self.ready():
             raise PreconditionError(f"the engine is not ready: {self.status()}")
@@ -179,9 +189,14 @@ class CrossLMEngine:
         if submitter.labels != task.label_names:
             raise ConfigError(f"the SLM's labels {submitter.labels} do not match task {task.name!r} "
                               f"labels {task.label_names}")
-        peers = [load_slm(p) for p in request.peer_slm_dirs.values()] or [submitter]
+        peers = []
+        for silo, path in request.peer_slm_dirs.items():
+            peer = submitter if Path(path) == Path(request.slm_dir) else load_slm(path)
+            peers.append(replace(peer, info=dict(peer.info) | {"silo": silo}))  # named if it is dropped
         rcfg = self.cfg.round
         self._sync_adapter()
+        # what a failed or rejected round restores (no change in memory unless `commit` publishes)
+        self._pending = _Pending(request.submission_id, self.llm.adapter_state(), self._version, task, emit)
         applied = self.adapters.for_submission(request.submission_id)
         if applied is not None:
             # a rerun after a crash that followed the adapter save: never apply a round twice
@@ -199,25 +214,76 @@ class CrossLMEngine:
             log.info("submission %s: resuming after generation (%d samples on disk)", request.submission_id,
                      len(generated.samples))
             emit("resumed", {"stage": "scoring", "samples": len(generated.samples)})
-        res = run_round(self.llm, task, submitter, peers, rcfg, seed=seed, emit=emit, generated=generated,
+        res = run_round(self.llm, task, submitter, peers or [submitter], rcfg, seed=seed, emit=emit,
+                        generated=generated,
                         on_generated=lambda g: write_text_atomic(checkpoint, json.dumps(g.to_json())))
         out = res.enhanced.save(work / "enhanced")
         self._attach_synthetic(out, task, request.submission_id, res.synthetic)
         metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
         metrics |= {k: ",".join(str(int(x)) for x in res.metrics[k]) for k in ("reward_hist", "kept_per_label")}
-        if applied is None:
-            version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
-                                         task=task.name, metrics=metrics)
-            self._version = version.version
-            metrics["adapter_version"] = version.version
-            if self.eval_set is not None and version.version % self.eval_every == 0:
-                emit("evaluating_llm", {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
-                metrics |= self._evaluate("llm")
-                log.info("LLM after adapter v%d: acc %.4f, ppl %.3f", version.version, metrics["llm_acc"],
-                         metrics["llm_ppl"])
+        self._pending.applied = applied is not None
+        self._pending.metrics = metrics
         metrics |= self.baseline
         log.info("silo %s submission %s: kept %d of %d, reward %.3f, kl %.4f", request.silo,
                  request.submission_id, res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"],
                  res.metrics["kl"])
         return RoundOutcome(slm_dir=out, metrics=metrics)
+
+    def commit(self, request: RoundRequest, outcome: RoundOutcome) -> dict[str, Any]:
+        """The round succeeded: publish its LLM update as a new adapter version, unless it must
+        not change the LLM (every reward NaN, or no sample kept): then the LLM is restored."""
+        with self._lock:
+            pending = self._take_pending(request)
+            if pending.applied:
+                return {}
+            metrics = pending.metrics
+            reward_mean, kept = float(metrics.get("reward_mean", float("nan"))), int(metrics.get("kept", 0))
+            if not math.isfinite(reward_mean) or kept == 0:
+                self._restore(pending)
+                why = "no finite reward" if not math.isfinite(reward_mean) else "no sample kept"
+                log.warning("submission %s: %s, the LLM is left as it was (adapter v%d)", request.submission_id,
+                            why, self._version)
+                return {"llm_updated": 0, "llm_not_updated": why}
+            version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
+                                         task=pending.task.name, metrics=metrics)
+            self._version = version.version
+            extra: dict[str, Any] = {"adapter_version": version.version, "llm_updated": 1}
+            if self.eval_set is not None and version.version % self.eval_every == 0:
+                pending.emit("evaluating_llm", {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
+                extra |= self._evaluate("llm")
+                log.info("LLM after adapter v%d: acc %.4f, ppl %.3f", version.version, extra["llm_acc"],
+                         extra["llm_ppl"])
+            return extra
+
+    def discard(self, request: RoundRequest) -> None:
+        """The round failed: the LLM in memory goes back to the adapter it had before the round."""
+        with self._lock:
+            pending = self._pending
+            if pending is not None and pending.submission_id == request.submission_id:
+                self._pending = None
+                self._restore(pending)
+                log.info("submission %s failed: LLM restored to adapter v%d", request.submission_id, self._version)
+
+    def _take_pending(self, request: RoundRequest) -> "_Pending":
+        pending, self._pending = self._pending, None
+        if pending is None or pending.submission_id != request.submission_id:
+            raise PreconditionError(f"submission {request.submission_id!r} has no round waiting to be committed")
+        return pending
+
+    def _restore(self, pending: "_Pending") -> None:
+        self.llm.load_adapter_state(pending.before)
+        self._version = pending.version
+
+
+@dataclass
+class _Pending:
+    """A round that ran but is not yet published: what restores the LLM, what commit needs."""
+
+    submission_id: str
+    before: dict
+    version: int
+    task: TaskSpec
+    emit: Emit
+    applied: bool = False
+    metrics: dict = field(default_factory=dict)

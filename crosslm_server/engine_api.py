@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from crosslm_shared.errors import ConfigError
+from crosslm_shared.errors import ConfigError, CrossLMError
 
 Emit = Callable[[str, Mapping[str, Any]], None]
+
+
+class RoundError(CrossLMError):
+    """A round cannot go on; the message is written for the silo (no server paths)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,19 @@ class Engine(Protocol):
 
         kinds: generating (k, n), scoring, training_llm (step, loss), training_slm, or any
         other; fields `tokens_per_s` and `kept` feed the server's metrics. Raise to fail the
-        round (the message is the reason the silo sees).
+        round: a CrossLMError's message is the reason the silo sees (paths cut to their last
+        part), any other error is named by its type only.
         """
+
+    # Optional (the worker uses them when an engine has them):
+    #   task_labels(task) -> tuple[str, ...] | None   the served task's labels; None: not served
+    #   check_slm(folder, manifest) -> Mapping         peer admission: raise BundleError unless the
+    #                                                  uploaded SLM is usable (crosslm_server.admission)
+    #   commit(request, outcome) -> Mapping            publish what the round changed (the LLM
+    #                                                  adapter), called only once the round succeeded;
+    #                                                  returns metrics to add
+    #   discard(request) -> None                       the round failed after run_round began: undo
+    #                                                  any change it made in memory
 
 
 ENGINES: dict[str, str] = {

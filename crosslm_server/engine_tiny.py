@@ -11,12 +11,15 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from crosslm_server.engine_api import Emit, RoundOutcome, RoundRequest
+from crosslm_server.admission import check_slm
+from crosslm_server.engine_api import Emit, RoundError, RoundOutcome, RoundRequest
+from crosslm_shared.tasks import builtin_tasks, load_task
 
 log = logging.getLogger(__name__)
 TEXTS = ["good film", "great fun movie", "the best story", "bad boring plot", "awful dull film",
@@ -25,10 +28,13 @@ TEXTS = ["good film", "great fun movie", "the best story", "bad boring plot", "a
 
 class TinyEngine:
     def __init__(self, *, load_seconds: float = 0.0, step_seconds: float = 0.0, steps: int = 2,
-                 fail_silos: tuple[str, ...] | list[str] = ()):
+                 fail_silos: tuple[str, ...] | list[str] = (), tasks: Mapping[str, list[str]] | None = None):
         """load_seconds delays readiness (tests of /readyz); step_seconds slows each step;
-        rounds for silos in fail_silos raise (tests of failure events)."""
+        rounds for silos in fail_silos raise (tests of failure events); tasks maps the served
+        task names to their labels (default: the built-in tasks and the tests' "rt" = neg, pos)."""
         self.step_seconds, self.steps, self.fail_silos = step_seconds, steps, set(fail_silos)
+        self.tasks = {name: tuple(labels) for name, labels in
+                      (tasks if tasks is not None else _default_tasks()).items()}
         self._ready = threading.Event()
         if load_seconds > 0:
             threading.Timer(load_seconds, self._ready.set).start()
@@ -38,23 +44,42 @@ class TinyEngine:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def task_labels(self, task: str) -> tuple[str, ...] | None:
+        return self.tasks.get(task)
+
+    def check_slm(self, folder: Path, manifest) -> Mapping[str, int]:
+        return check_slm(folder, manifest)
+
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
         if request.silo in self.fail_silos:
-            raise RuntimeError(f"tiny engine told to fail rounds of silo {request.silo!r}")
+            raise RoundError(f"tiny engine told to fail rounds of silo {request.silo!r}")
         n = len(TEXTS)
         for k in (n // 2, n):
             emit("generating", {"k": k, "n": n, "tokens_per_s": 100.0})
             time.sleep(self.step_seconds)
         emit("scoring", {"peers": len(request.peer_slm_dirs)})
-        scores = sum(_proba(path, TEXTS) for path in request.peer_slm_dirs.values()) / len(request.peer_slm_dirs)
+        probs = {}
+        for silo, path in request.peer_slm_dirs.items():
+            p = _proba(path, TEXTS)
+            if bool(torch.isfinite(p).all()):
+                probs[silo] = p
+            else:  # a scorer that went bad is left out of this round, the round goes on
+                emit("scorer_dropped", {"silo": silo, "reason": "non-finite outputs"})
+        if not probs:
+            raise RoundError("every scorer gave non-finite outputs; the round cannot score")
+        scores = sum(probs.values()) / len(probs)
         pseudo = scores.argmax(dim=-1)
         emit("training_llm", {"step": 1, "loss": 1.0})
         emit("filtering", {"total": n})
         emit("training_slm", {"examples": n})
         out = request.work_dir / "slm"
         _fine_tune(request.slm_dir, out, TEXTS, pseudo, steps=self.steps, pause=self.step_seconds)
-        return RoundOutcome(out, {"kept": n, "peers": len(request.peer_slm_dirs),
+        return RoundOutcome(out, {"kept": n, "peers": len(probs),
                                   "mean_score": float(scores.max(dim=-1).values.mean())})
+
+
+def _default_tasks() -> dict[str, list[str]]:
+    return {name: list(load_task(name).label_names) for name in builtin_tasks()} | {"rt": ["neg", "pos"]}
 
 
 def _proba(folder: Path, texts: list[str]) -> torch.Tensor:

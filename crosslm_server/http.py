@@ -1,6 +1,8 @@
-"""The operators' HTTP app: /healthz, /readyz, /metrics, /v1/submissions."""
+"""The operators' HTTP app: /healthz, /readyz, /metrics (open, for probes) and /v1/submissions
+(every silo's submissions: only with the operator's bearer token, `[server] operator_token`)."""
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,7 +16,8 @@ from crosslm_server.metrics import Metrics
 from crosslm_server.store import Store
 
 
-def build_app(*, readiness: Callable[[], tuple[bool, str]], metrics: Metrics, store: Store) -> Starlette:
+def build_app(*, readiness: Callable[[], tuple[bool, str]], metrics: Metrics, store: Store,
+              operator_token: str = "") -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
@@ -27,6 +30,13 @@ def build_app(*, readiness: Callable[[], tuple[bool, str]], metrics: Metrics, st
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def submissions(request: Request) -> Response:
+        if not operator_token:
+            return JSONResponse({"error": "the submissions view is off: set [server] operator_token to use it"},
+                                status_code=404)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {operator_token}".encode()):
+            return JSONResponse({"error": "send the operator token as 'Authorization: Bearer <token>'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
         silo = request.query_params.get("silo")
         return JSONResponse({"submissions": [submission_to_dict(s) for s in store.list_submissions(silo=silo)]})
 

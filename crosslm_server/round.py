@@ -20,6 +20,7 @@ from crosslm_server.generate import Generation, Sample, generate
 from crosslm_server.llm import LLM
 from crosslm_server.llm_update import update_llm
 from crosslm_server.reward import Scores, judged_proba, reward, score, standardise_per_label
+from crosslm_shared.errors import DataError
 from crosslm_shared.slm import SLM
 from crosslm_shared.tasks import TaskSpec
 
@@ -38,6 +39,46 @@ class RoundResult:
 
 def _noop(kind: str, fields: Mapping[str, Any]) -> None:
     pass
+
+
+class _Scored:
+    """A scorer's probabilities on this round's texts, computed once (``score`` reads them)."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = probs
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return self.probs
+
+
+def usable_scorers(scorers: Sequence[SLM], texts: Sequence[str], emit: Emit = _noop) -> list[_Scored]:
+    """The scorers whose outputs on these texts are usable; each one left out is named in a
+    ``scorer_dropped`` event (``silo`` from ``slm.info``, ``reason``) and the round goes on with
+    the rest. Usable: finite probabilities that sum to 1 and are not the same for every text."""
+    kept = []
+    for i, slm in enumerate(scorers):
+        probs = np.asarray(slm.predict_proba(texts), dtype=np.float64)
+        why = _degenerate(probs)
+        if why:
+            emit("scorer_dropped", {"silo": slm.info.get("silo", f"peer-{i}"), "reason": why})
+            continue
+        kept.append(_Scored(probs))
+    if not kept:
+        raise DataError(f"all {len(scorers)} scorers gave unusable outputs on this round's texts; "
+                        "the round cannot score")
+    return kept
+
+
+def _degenerate(probs: np.ndarray) -> str:
+    if probs.size == 0:
+        return ""
+    if not np.isfinite(probs).all():
+        return "non-finite outputs"
+    if np.abs(probs.sum(axis=1) - 1.0).max() > 1e-3:
+        return "outputs are not probabilities"
+    if len(probs) > 1 and probs.std(axis=0).max() < 1e-6:
+        return "the same output for every text"
+    return ""
 
 
 def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cfg: RoundConfig, *,
@@ -62,7 +103,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     t = time.perf_counter()
     emit("scoring", {"samples": len(texts)})
     scorers = list(peers) if cfg.reward_from == "all" else [submitter]
-    scores = score(scorers, texts, labels)
+    scores = score(usable_scorers(scorers, texts, emit), texts, labels)
     seconds["score"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -52,11 +52,13 @@ class Server:
         self.grpc_server, self.grpc_port, self.health, self.metrics = grpc_server, grpc_port, health, metrics
         self.http_socket = http_socket
         self.http_port = http_socket.getsockname()[1]
-        app = build_app(readiness=self.readiness, metrics=metrics, store=store)
+        app = build_app(readiness=self.readiness, metrics=metrics, store=store,
+                        operator_token=config.server.operator_credential())
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
         self._http_thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [http_socket]},
                                              name="crosslm-http", daemon=True)
         self._ready_thread = threading.Thread(target=self._track_readiness, name="crosslm-readiness", daemon=True)
+        self._janitor_thread = threading.Thread(target=self._janitor, name="crosslm-janitor", daemon=True)
         self._stopped = threading.Event()
         self._stopping = threading.Event()
 
@@ -76,6 +78,15 @@ class Server:
             ok, _ = self.readiness()
             self.health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
 
+    def _janitor(self) -> None:
+        """Expire abandoned uploads (`[server] upload_ttl_s`), checking a few times per TTL."""
+        every = min(60.0, max(0.5, self.config.server.upload_ttl_s / 4))
+        while not self._stopping.wait(every):
+            try:
+                self.service.expire_uploads()
+            except Exception:  # noqa: BLE001 - logged; the next pass tries again
+                log.exception("expiring abandoned uploads failed; retrying in %.0f s", every)
+
     def start(self) -> "Server":
         requeued = self.store.requeue_running(now=self.service.clock())
         for sid in requeued:
@@ -85,6 +96,7 @@ class Server:
         self.grpc_server.start()
         self._http_thread.start()
         self._ready_thread.start()
+        self._janitor_thread.start()
         self.health.set("", SERVING)
         log.info("serving gRPC (%s) on %s:%d and HTTP on %s:%d",
                  "PLAINTEXT" if self.config.server.plaintext_dev_mode else "mTLS",
@@ -151,7 +163,10 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     store = open_store(config)
     service = CrossLMService(store, Path(s.data_dir), metrics=metrics,
                              limits=Limits(max_bundle_bytes=s.max_bundle_bytes, chunk_size=s.chunk_size,
-                                           max_queue=s.max_queue))
+                                           max_queue=s.max_queue, max_queued_per_silo=s.max_queued_per_silo,
+                                           max_pending_uploads_per_silo=s.max_pending_uploads_per_silo,
+                                           max_silo_upload_bytes=s.max_silo_upload_bytes,
+                                           upload_ttl_s=s.upload_ttl_s))
     engine_options = dict(config.engine.options)
     if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
         engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))
@@ -166,7 +181,9 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
                               options=options)
     add_to_server(CrossLMServicer(service, metrics, allow_dev_identity=s.plaintext_dev_mode,
-                                  idle_timeout_s=s.idle_timeout_s, max_uploads_per_silo=s.max_uploads_per_silo),
+                                  idle_timeout_s=s.idle_timeout_s, max_uploads_per_silo=s.max_uploads_per_silo,
+                                  max_streams_per_silo=s.max_streams_per_silo,
+                                  max_streams=s.grpc_workers - s.reserved_workers),
                   grpc_server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", NOT_SERVING)

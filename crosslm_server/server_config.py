@@ -26,7 +26,7 @@ def _bad(section: str, name: str, value: Any, allowed: str) -> ConfigError:
 class ServerSection:
     grpc_host: str = "0.0.0.0"          # interface the gRPC server binds
     grpc_port: int = 50051              # gRPC port (0 = any free port)
-    http_host: str = "0.0.0.0"          # interface of /healthz /readyz /metrics /v1/submissions
+    http_host: str = "127.0.0.1"        # interface of /healthz /readyz /metrics /v1/submissions (plain HTTP: keep it private)
     http_port: int = 8080               # HTTP port (0 = any free port)
     data_dir: Path = Path("crosslm-data")  # uploads, bundles, results, work folders and the SQLite file
     plaintext_dev_mode: bool = False    # true: no TLS, silo named by the x-crosslm-silo header. Demo only
@@ -36,11 +36,19 @@ class ServerSection:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
     max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
     max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
-    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait
-    grpc_workers: int = 32              # gRPC handler threads; each open stream (a Watch too) holds one
+    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait (a silo with none waiting still gets in)
+    max_queued_per_silo: int = 2        # rounds one silo may have waiting at once (fair share of the queue)
+    max_pending_uploads_per_silo: int = 4  # uploads one silo may hold unsubmitted (partial or complete)
+    max_silo_upload_bytes: int = 4096 * MiB  # bytes those pending uploads of one silo may reserve on disk
+    upload_ttl_s: float = 86400.0       # an unsubmitted upload whose files did not change this long is deleted
+    grpc_workers: int = 64              # gRPC handler threads; each open stream (a Watch too) holds one
+    reserved_workers: int = 8           # handler threads streams may never take: unary calls and health checks
+    max_streams_per_silo: int = 8       # Upload + Watch + Download streams one silo may hold open at once
+    operator_token: str = ""            # bearer token for HTTP /v1/submissions ("" and no file = that view is off)
+    operator_token_file: Path | None = None  # or a file holding that token (keep it 0600), e.g. from `openssl rand -hex 24`
     grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
     keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
-    idle_timeout_s: float = 120.0       # an upload stream that sends no bytes this long is cancelled (0 = never)
+    idle_timeout_s: float = 120.0       # an upload stream with no header or no bytes for this long is cut (0 = never)
     max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
     worker_nice: int = 10               # niceness added to the round's threads (Linux): requests get the CPU first (0..19)
     log_level: LogLevel = "INFO"        # logging level of the server process
@@ -60,14 +68,39 @@ class ServerSection:
             raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
         if self.max_queue < 1:
             raise _bad("server", "max_queue", self.max_queue, ">= 1")
-        if self.max_uploads_per_silo < 1:
-            raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo, ">= 1")
+        for name in ("max_uploads_per_silo", "max_queued_per_silo", "max_pending_uploads_per_silo",
+                     "max_streams_per_silo", "max_silo_upload_bytes"):
+            if getattr(self, name) < 1:
+                raise _bad("server", name, getattr(self, name), ">= 1")
+        if self.max_uploads_per_silo > self.max_streams_per_silo:
+            raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo,
+                       f"<= max_streams_per_silo ({self.max_streams_per_silo})")
+        if not self.upload_ttl_s > 0:
+            raise _bad("server", "upload_ttl_s", self.upload_ttl_s, "> 0 seconds")
+        if self.operator_token and len(self.operator_token) < 16:
+            raise _bad("server", "operator_token", "<hidden>", "empty (view off) or at least 16 characters")
         if not 0 <= self.worker_nice <= 19:
             raise _bad("server", "worker_nice", self.worker_nice, "0..19 (0 = the same priority as requests)")
         if self.grpc_workers < 2:
             raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
+        if not 1 <= self.reserved_workers < self.grpc_workers:
+            raise _bad("server", "reserved_workers", self.reserved_workers, f"1..{self.grpc_workers - 1} (< grpc_workers)")
         if self.log_level not in get_args(LogLevel):
             raise _bad("server", "log_level", self.log_level, str(get_args(LogLevel)))
+
+    def operator_credential(self) -> str:
+        """The operator's bearer token: `operator_token`, else the content of `operator_token_file`."""
+        if self.operator_token or self.operator_token_file is None:
+            return self.operator_token
+        try:
+            token = Path(self.operator_token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"[server] operator_token_file={str(self.operator_token_file)!r} cannot be read "
+                              f"({e.strerror}); write the token there or remove the key") from e
+        if len(token) < 16:
+            raise _bad("server", "operator_token_file", str(self.operator_token_file),
+                       "a file holding a token of at least 16 characters")
+        return token
 
     def require_tls(self) -> None:
         """Refuse to serve without mTLS material unless plaintext dev mode was asked for explicitly.
@@ -127,7 +160,7 @@ def _section(cls, section: str, raw: dict[str, Any], base: Path):
         raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known: {sorted(known)}")
     values = dict(raw)
     for name, value in raw.items():
-        if name in ("data_dir", "path", "tls_cert", "tls_key", "tls_ca") and value is not None:
+        if name in ("data_dir", "path", "tls_cert", "tls_key", "tls_ca", "operator_token_file") and value is not None:
             values[name] = (base / Path(value)).resolve()
     try:
         return cls(**values)

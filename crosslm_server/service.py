@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crosslm_shared.bundle import Manifest, validate_bundle_dir, validate_manifest
+from crosslm_shared.bundle import Manifest, check_safetensors_prefix, validate_bundle_dir, validate_manifest
 from crosslm_shared.convert import stringify_fields
 from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, PermissionDeniedError,
                                    PreconditionError, ResourceExhaustedError)
 from crosslm_shared.records import Event, Submission, Upload
 from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
+from crosslm_server.admission import TaskLabels, check_task
 from crosslm_server.metrics import Metrics
 from crosslm_server.store import Store
 
@@ -47,11 +48,21 @@ class UnauthenticatedError(CrossLMError):
     """The caller has no identity the server accepts (UNAUTHENTICATED)."""
 
 
+class NotReadyError(CrossLMError):
+    """The server cannot take this request yet (the engine is starting); retry (UNAVAILABLE)."""
+
+
 @dataclass(frozen=True)
 class Limits:
+    """What one silo may hold of the shared resources (the `[server]` options of the same names)."""
+
     max_bundle_bytes: int
     chunk_size: int
     max_queue: int = 100
+    max_queued_per_silo: int = 2
+    max_pending_uploads_per_silo: int = 4
+    max_silo_upload_bytes: int = 4 * 1024**3
+    upload_ttl_s: float = 24 * 3600.0
     upload_lock_timeout_s: float = 30.0
 
 
@@ -66,7 +77,24 @@ class CrossLMService:
         self._locks_guard = threading.Lock()
         self._partials: dict[str, dict[str, PartialFile]] = {}  # upload id -> file -> file being received
         self.wake_worker: Callable[[], None] = lambda: None
+        # the engine's admission checks, set by the worker once the engine exists (`attach_checks`)
+        self.task_labels: TaskLabels | None = None
+        self.content_check: Callable[[Path, Manifest], object] | None = None
+        self._checks_attached = threading.Event()
+        self._quota_lock = threading.Lock()
         self.stopping = threading.Event()
+
+    def attach_checks(self, *, task_labels: TaskLabels | None,
+                      content_check: Callable[[Path, Manifest], object] | None) -> None:
+        """The engine's admission checks (see `crosslm_server.admission`); None skips one. Uploads
+        wait for this (up to `checks_wait_s`) so no bundle is taken before the checks exist."""
+        self.task_labels, self.content_check = task_labels, content_check
+        self._checks_attached.set()
+
+    def _wait_for_checks(self, checks_wait_s: float = 60.0) -> None:
+        if not self._checks_attached.wait(checks_wait_s):
+            raise NotReadyError("the server's engine is still starting, so uploads cannot be checked yet: "
+                                "retry in a few seconds")
 
     # ---- paths -------------------------------------------------------------------------
     def bundle_dir(self, upload_id: str) -> Path:
@@ -111,7 +139,11 @@ class CrossLMService:
             raise PermissionDeniedError(f"manifest.silo={manifest.silo!r} but you are silo {silo!r}: "
                                         "a silo uploads only its own SLM")
         validate_manifest(manifest, max_bundle_bytes=self.limits.max_bundle_bytes)
-        upload = self._settle(self.store.put_upload(Upload(upload_id, silo, manifest, created_at=self.clock())))
+        self._wait_for_checks()
+        check_task(manifest, self.task_labels)
+        with self._quota_lock:  # the check and the new row together: two streams cannot both slip in
+            self._check_upload_quota(silo, upload_id, manifest)
+            upload = self._settle(self.store.put_upload(Upload(upload_id, silo, manifest, created_at=self.clock())))
         if upload.complete:
             return upload, self.committed(upload)
         lock = self._upload_lock(upload_id)
@@ -122,6 +154,55 @@ class CrossLMService:
         finally:
             lock.release()
 
+    def _check_upload_quota(self, silo: str, upload_id: str, manifest: Manifest) -> None:
+        """A new upload must fit the silo's share: pending uploads (rows in the store, folders on
+        disk) and the bytes they reserve, partial ones included. Resuming a held upload is free."""
+        try:
+            self.store.get_upload(upload_id)
+            return  # a held upload resumes (or is refused by put_upload): its share was counted
+        except NotFoundError:
+            pass
+        pending, lim = self.store.pending_uploads(silo=silo), self.limits
+        if len(pending) >= lim.max_pending_uploads_per_silo:
+            raise ResourceExhaustedError(
+                f"silo {silo!r} already holds {len(pending)} uploads that were not submitted (server "
+                f"max_pending_uploads_per_silo={lim.max_pending_uploads_per_silo}): finish and submit one, or "
+                f"wait until an abandoned one expires (upload_ttl_s={lim.upload_ttl_s:.0f})")
+        held = sum(u.manifest.total_size for u in pending)
+        if held + manifest.total_size > lim.max_silo_upload_bytes:
+            raise ResourceExhaustedError(
+                f"silo {silo!r} holds {held} bytes in uploads not yet submitted; {manifest.total_size} more "
+                f"would pass the server's max_silo_upload_bytes={lim.max_silo_upload_bytes}: submit or let "
+                f"abandoned uploads expire (upload_ttl_s={lim.upload_ttl_s:.0f}) first")
+
+    def expire_uploads(self) -> list[str]:
+        """Delete uploads never submitted whose files did not change for `upload_ttl_s`: their
+        folder (partial or complete) and their store row. Returns their ids."""
+        now, ttl = self.clock(), self.limits.upload_ttl_s
+        expired = []
+        for upload in self.store.pending_uploads():
+            if upload.created_at > now - ttl:
+                continue
+            folders = [self.data_dir / "uploads" / upload.upload_id, self.bundle_dir(upload.upload_id)]
+            if _last_change(folders) > now - ttl:
+                continue  # still moving: a slow upload is not abandoned
+            lock = self._upload_lock(upload.upload_id)
+            if not lock.acquire(blocking=False):
+                continue  # a stream is on it right now
+            try:
+                for folder in folders:
+                    shutil.rmtree(folder, ignore_errors=True)
+                self.store.delete_upload(upload.upload_id)
+                self._partials.pop(upload.upload_id, None)
+            finally:
+                lock.release()
+            with self._locks_guard:
+                self._upload_locks.pop(upload.upload_id, None)
+            expired.append(upload.upload_id)
+            log.info("upload %s from silo %s: expired (no change for %.0f s), its files and record deleted",
+                     upload.upload_id, upload.silo, ttl)
+        return expired
+
     def _receive_locked(self, upload: Upload, chunks: Iterable[Chunk]) -> tuple[Upload, dict[str, int]]:
         folder = self.data_dir / "uploads" / upload.upload_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,8 +211,11 @@ class CrossLMService:
         try:
             for chunk in chunks:  # protocol errors here refuse the stream but keep what is committed
                 part = self._partial(upload, folder, chunk.file)
+                before = part.committed
                 part.write(chunk)
                 self.metrics.bytes_in.inc(len(chunk.data))
+                if chunk.file == "model.safetensors" and before < 8 <= part.committed:
+                    self._verified(upload, folder, lambda: _check_safetensors_start(part))
                 if part.done:
                     self._verified(upload, folder, part.finish)
                     self._partials.get(upload.upload_id, {}).pop(chunk.file, None)
@@ -144,6 +228,8 @@ class CrossLMService:
             if f.size == 0 and not (folder / f.name).exists():
                 self._verified(upload, folder, PartialFile(folder / f.name, size=0, sha256=f.sha256).finish)
         self._verified(upload, folder, lambda: validate_bundle_dir(folder, upload.manifest))
+        if self.content_check is not None:
+            self._verified(upload, folder, lambda: self.content_check(folder, upload.manifest))
         self._partials.pop(upload.upload_id, None)
         os.replace(folder, self.bundle_dir(upload.upload_id))
         upload = self.store.mark_upload_complete(upload.upload_id)
@@ -185,9 +271,8 @@ class CrossLMService:
     def submit(self, silo: str, upload_id: str) -> Submission:
         upload = self.store.get_upload(upload_id)
         _own(upload.silo, silo, "upload", upload_id)
-        if self.store.queue_depth() >= self.limits.max_queue and upload_id not in self._submitted_uploads(silo):
-            raise ResourceExhaustedError(f"the queue is full ({self.limits.max_queue} submissions waiting): "
-                                         "retry later")
+        if upload_id not in self._submitted_uploads(silo):
+            self._check_queue_share(silo)
         sub, created = self.store.submit(upload_id, submission_id=f"sub-{uuid.uuid4().hex[:20]}", now=self.clock())
         if created:
             self.metrics.slm_accuracy.labels(silo, sub.task).set(upload.manifest.heldout_accuracy)
@@ -196,6 +281,19 @@ class CrossLMService:
             log.info("submission %s of silo %s (upload %s): queued", sub.submission_id, silo, upload_id)
             self.wake_worker()
         return sub
+
+    def _check_queue_share(self, silo: str) -> None:
+        """Fair share of the queue: a silo may have `max_queued_per_silo` rounds waiting, and a full
+        queue (`max_queue`) still takes a silo that has none waiting, so one silo's burst never
+        blocks another silo's first submission."""
+        mine, lim = self.store.queued_count(silo), self.limits
+        if mine >= lim.max_queued_per_silo:
+            raise ResourceExhaustedError(
+                f"silo {silo!r} already has {mine} rounds waiting (server max_queued_per_silo="
+                f"{lim.max_queued_per_silo}): wait for one to start, then retry")
+        if mine and self.store.queue_depth() >= lim.max_queue:
+            raise ResourceExhaustedError(f"the queue is full ({lim.max_queue} submissions waiting, server "
+                                         "max_queue) and you have one waiting already: retry later")
 
     def _submitted_uploads(self, silo: str) -> set[str]:
         return {s.upload_id for s in self.store.list_submissions(silo=silo)}
@@ -254,9 +352,24 @@ class CrossLMService:
         return iter_chunks(self.result_dir(submission_id) / name, name=name, offset=offset, chunk_size=size)
 
 
+def _check_safetensors_start(part: PartialFile) -> None:
+    with part.part.open("rb") as f:
+        check_safetensors_prefix(f.read(8), part.size)
+
+
+def _last_change(folders: Iterable[Path]) -> float:
+    """The latest modification time of the folders or anything in them (0 when none exist)."""
+    latest = 0.0
+    for folder in folders:
+        if folder.exists():
+            latest = max([latest, folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+    return latest
+
+
 def _own(owner: str, caller: str, what: str, key: str) -> None:
     if owner != caller:
         raise PermissionDeniedError(f"{what} {key!r} belongs to another silo; you are {caller!r}")
 
 
-__all__ = ["CrossLMService", "InvalidRequestError", "Limits", "NotFoundError", "UnauthenticatedError"]
+__all__ = ["CrossLMService", "InvalidRequestError", "Limits", "NotFoundError", "NotReadyError",
+           "UnauthenticatedError"]

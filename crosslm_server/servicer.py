@@ -24,7 +24,8 @@ from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.transfer import Chunk, IdleWatchdog
 from crosslm_server.metrics import Metrics
-from crosslm_server.service import CrossLMService, InvalidRequestError, StoppingError, UnauthenticatedError
+from crosslm_server.service import (CrossLMService, InvalidRequestError, NotReadyError, StoppingError,
+                                    UnauthenticatedError)
 from crosslm_server.store import UploadConflictError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ _SILO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATUS_OF: tuple[tuple[type[CrossLMError], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (StoppingError, grpc.StatusCode.UNAVAILABLE),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (UploadConflictError, grpc.StatusCode.ALREADY_EXISTS),
@@ -54,9 +56,39 @@ def status_of(error: CrossLMError) -> grpc.StatusCode:
     return next(code for cls, code in STATUS_OF if isinstance(error, cls))
 
 
+class Malformed:
+    """A request whose bytes did not parse: the handler answers INVALID_ARGUMENT (grpc itself
+    would answer INTERNAL "Exception deserializing request!" and log a traceback)."""
+
+    def __init__(self, message: str, error: Exception):
+        self.message, self.error = message, error
+
+    def raise_(self) -> None:
+        raise InvalidRequestError(f"a {self.message} message is malformed ({type(self.error).__name__}): "
+                                  "send a message of crosslm.v1 as generated from the proto")
+
+
+def _tolerant(parse, message: str):
+    """A request deserializer that never raises: a parse error becomes a `Malformed` request."""
+    def parse_or_malformed(raw: bytes):
+        try:
+            return parse(raw)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's malformed message
+            return Malformed(message, e)
+    return parse_or_malformed
+
+
+def _checked(request):
+    if isinstance(request, Malformed):
+        request.raise_()
+    return request
+
+
 def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None:
-    """The one place where an exception becomes a status for the caller."""
+    """The one place where an exception becomes a status for the caller; one log line per
+    dropped stream (the traceback only for errors that are the server's own)."""
     if isinstance(error, CrossLMError):
+        log.info("%s refused: %s: %s", method, type(error).__name__, error)
         context.abort(status_of(error), str(error))
     if not context.is_active():  # the caller went away (or an idle timeout cut the stream)
         log.info("%s ended: the caller is gone (%s)", method, type(error).__name__)
@@ -89,9 +121,10 @@ def _mapped_stream(method):
 
 
 def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str, idle_s: float) -> None:
-    log.warning("upload %s from silo %s: no bytes for %.0f s; stream cancelled (it can resume)", upload_id, silo, idle_s)
-    details = (f"upload {upload_id!r} sent no bytes for {idle_s:.0f} s (server idle_timeout_s): the stream was cut; "
-               "resume it from QueryUpload's committed offsets")
+    what = f"upload {upload_id!r}" if upload_id else "an upload stream"
+    log.warning("%s from silo %s: no progress for %.0f s; stream cancelled (it can resume)", what, silo, idle_s)
+    details = (f"{what} made no progress (no header, no bytes) for {idle_s:.0f} s (server idle_timeout_s): the "
+               "stream was cut; resume it from QueryUpload's committed offsets")
     try:  # grpc's public cancel() sends a bare CANCELLED; the core call can carry a status and a reason
         context._rpc_event.call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details)
     except Exception:  # noqa: BLE001 - another grpc version: the bare cancel still cuts the stream
@@ -100,26 +133,39 @@ def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str, idle_
 
 class CrossLMServicer(pb_grpc.CrossLMServicer):
     def __init__(self, service: CrossLMService, metrics: Metrics, *, allow_dev_identity: bool,
-                 idle_timeout_s: float = 0.0, max_uploads_per_silo: int = 4):
+                 idle_timeout_s: float = 0.0, max_uploads_per_silo: int = 4, max_streams_per_silo: int = 8,
+                 max_streams: int = 1_000_000):
         self.service, self.metrics, self.allow_dev_identity = service, metrics, allow_dev_identity
         self.idle_timeout_s, self.max_uploads_per_silo = idle_timeout_s, max_uploads_per_silo
-        self._streaming: Counter[str] = Counter()  # silo -> open Upload streams
-        self._streaming_lock = threading.Lock()
+        self.max_streams_per_silo, self.max_streams = max_streams_per_silo, max_streams
+        self._streams: Counter[tuple[str, str]] = Counter()  # (silo, "upload" | "watch" | "download") -> open
+        self._streams_lock = threading.Lock()
 
     @contextmanager
-    def _upload_slot(self, silo: str):
-        """Admission control: one silo may hold at most `max_uploads_per_silo` handler threads."""
-        with self._streaming_lock:
-            if self._streaming[silo] >= self.max_uploads_per_silo:
+    def _stream_slot(self, silo: str, kind: str):
+        """Admission control for streams, which hold a handler thread each for as long as they
+        last: one silo may hold `max_streams_per_silo` of them (`max_uploads_per_silo` uploads),
+        and all silos together `max_streams`, so threads stay free for unary calls and health."""
+        with self._streams_lock:
+            mine = sum(n for (who, _), n in self._streams.items() if who == silo)
+            if kind == "upload" and self._streams[(silo, kind)] >= self.max_uploads_per_silo:
                 raise ResourceExhaustedError(
-                    f"silo {silo!r} already has {self._streaming[silo]} uploads streaming (server "
+                    f"silo {silo!r} already has {self._streams[(silo, kind)]} uploads streaming (server "
                     f"max_uploads_per_silo={self.max_uploads_per_silo}): finish or cancel one, then retry")
-            self._streaming[silo] += 1
+            if mine >= self.max_streams_per_silo:
+                raise ResourceExhaustedError(
+                    f"silo {silo!r} already has {mine} streams open (Upload, Watch and Download together; server "
+                    f"max_streams_per_silo={self.max_streams_per_silo}): close one, then retry")
+            if sum(self._streams.values()) >= self.max_streams:
+                raise ResourceExhaustedError(
+                    f"the server has {self.max_streams} streams open (grpc_workers less reserved_workers): retry "
+                    "in a moment")
+            self._streams[(silo, kind)] += 1
         try:
             yield
         finally:
-            with self._streaming_lock:
-                self._streaming[silo] -= 1
+            with self._streams_lock:
+                self._streams[(silo, kind)] -= 1
 
     def identify(self, context: grpc.ServicerContext) -> str:
         cn = context.auth_context().get("x509_common_name")
@@ -140,69 +186,80 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
     @_mapped
     def Upload(self, request_iterator, context):
         silo = self.identify(context)
-        with self._upload_slot(silo):
-            return self._upload(silo, request_iterator, context)
+        with self._stream_slot(silo, "upload"):
+            header: list[str] = []  # the upload id, once the header arrived (for the idle message)
+            watchdog = IdleWatchdog(self.idle_timeout_s, lambda: _cancel_idle(
+                context, silo, header[0] if header else "", self.idle_timeout_s))
+            try:
+                return self._upload(silo, request_iterator, context, watchdog, header)
+            finally:
+                watchdog.close()
 
-    def _upload(self, silo: str, request_iterator, context):
-        first = next(request_iterator, None)
+    def _upload(self, silo: str, request_iterator, context, watchdog: IdleWatchdog, header: list[str]):
+        first = _checked(next(request_iterator, None))  # the idle clock runs from the stream's start
         if not isinstance(first, pb.UploadRequest) or first.WhichOneof("kind") != "header":
             raise InvalidRequestError("the first Upload message must be an UploadHeader (upload_id + manifest)")
+        watchdog.kick()
+        header.append(first.header.upload_id)
         manifest = convert.manifest_from_pb(first.header.manifest)
         gauge = self.metrics.active_transfers.labels("upload")
         gauge.inc()
-        watchdog = IdleWatchdog(self.idle_timeout_s,
-                                lambda: _cancel_idle(context, silo, first.header.upload_id, self.idle_timeout_s))
         try:
             upload, committed = self.service.receive_upload(
                 silo, first.header.upload_id, manifest, self._chunks(request_iterator, watchdog))
         finally:
-            watchdog.close()
             gauge.dec()
         return convert.upload_status_to_pb(upload, committed)
 
     @staticmethod
     def _chunks(request_iterator, watchdog: IdleWatchdog) -> Iterator:
         for msg in request_iterator:  # Chunks, or protobuf for anything else (`add_to_server`)
-            watchdog.kick()
+            msg = _checked(msg)
             if not isinstance(msg, Chunk):
                 raise InvalidRequestError("only the first Upload message may be a header; send chunks after it")
+            if msg.data:  # progress means bytes: empty chunks do not keep a stream alive
+                watchdog.kick()
             yield msg
 
     @_mapped
     def QueryUpload(self, request, context):
-        upload, committed = self.service.query_upload(self.identify(context), request.upload_id)
+        upload, committed = self.service.query_upload(self.identify(context), _checked(request).upload_id)
         return convert.upload_status_to_pb(upload, committed)
 
     @_mapped
     def Submit(self, request, context):
-        return convert.submission_to_pb(self.service.submit(self.identify(context), request.upload_id))
+        return convert.submission_to_pb(self.service.submit(self.identify(context), _checked(request).upload_id))
 
     @_mapped_stream
     def Watch(self, request, context):
-        events = self.service.watch(self.identify(context), request.submission_id, request.after_seq,
-                                    active=context.is_active)
-        for event in events:
-            yield convert.event_to_pb(event)
+        silo, request = self.identify(context), _checked(request)
+        with self._stream_slot(silo, "watch"):
+            for event in self.service.watch(silo, request.submission_id, request.after_seq, active=context.is_active):
+                yield convert.event_to_pb(event)
 
     @_mapped_stream
     def Download(self, request, context):
-        chunks = self.service.download(self.identify(context), request.submission_id, request.file,
-                                       request.offset, request.chunk_size)
-        gauge = self.metrics.active_transfers.labels("download")
-        gauge.inc()
-        try:
-            for chunk in chunks:  # encoded by convert.chunk_to_wire (`add_to_server`)
-                self.metrics.bytes_out.inc(len(chunk.data))
-                yield chunk
-        finally:
-            gauge.dec()
+        silo, request = self.identify(context), _checked(request)
+        with self._stream_slot(silo, "download"):
+            chunks = self.service.download(silo, request.submission_id, request.file, request.offset,
+                                           request.chunk_size)
+            gauge = self.metrics.active_transfers.labels("download")
+            gauge.inc()
+            try:
+                for chunk in chunks:  # encoded by convert.chunk_to_wire (`add_to_server`)
+                    self.metrics.bytes_out.inc(len(chunk.data))
+                    yield chunk
+            finally:
+                gauge.dec()
 
     @_mapped
     def GetSubmission(self, request, context):
-        return convert.submission_to_pb(self.service.get_submission(self.identify(context), request.submission_id))
+        return convert.submission_to_pb(self.service.get_submission(self.identify(context),
+                                                                    _checked(request).submission_id))
 
     @_mapped
     def ListSubmissions(self, request, context):
+        _checked(request)
         subs = self.service.list_submissions(self.identify(context))
         return pb.ListSubmissionsResponse(submissions=[convert.submission_to_pb(s) for s in subs])
 
@@ -212,25 +269,25 @@ def add_to_server(servicer: CrossLMServicer, server: grpc.Server) -> None:
     Upload requests and Download responses (`crosslm_shared.convert`, same bytes on the wire)."""
     handlers = {
         "Upload": grpc.stream_unary_rpc_method_handler(
-            servicer.Upload, request_deserializer=convert.upload_request_from_wire,
+            servicer.Upload, request_deserializer=_tolerant(convert.upload_request_from_wire, "UploadRequest"),
             response_serializer=pb.UploadStatus.SerializeToString),
         "QueryUpload": grpc.unary_unary_rpc_method_handler(
-            servicer.QueryUpload, request_deserializer=pb.QueryUploadRequest.FromString,
+            servicer.QueryUpload, request_deserializer=_tolerant(pb.QueryUploadRequest.FromString, "QueryUploadRequest"),
             response_serializer=pb.UploadStatus.SerializeToString),
         "Submit": grpc.unary_unary_rpc_method_handler(
-            servicer.Submit, request_deserializer=pb.SubmitRequest.FromString,
+            servicer.Submit, request_deserializer=_tolerant(pb.SubmitRequest.FromString, "SubmitRequest"),
             response_serializer=pb.Submission.SerializeToString),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            servicer.Watch, request_deserializer=pb.WatchRequest.FromString,
+            servicer.Watch, request_deserializer=_tolerant(pb.WatchRequest.FromString, "WatchRequest"),
             response_serializer=pb.Event.SerializeToString),
         "Download": grpc.unary_stream_rpc_method_handler(
-            servicer.Download, request_deserializer=pb.DownloadRequest.FromString,
+            servicer.Download, request_deserializer=_tolerant(pb.DownloadRequest.FromString, "DownloadRequest"),
             response_serializer=convert.chunk_to_wire),
         "GetSubmission": grpc.unary_unary_rpc_method_handler(
-            servicer.GetSubmission, request_deserializer=pb.GetSubmissionRequest.FromString,
+            servicer.GetSubmission, request_deserializer=_tolerant(pb.GetSubmissionRequest.FromString, "GetSubmissionRequest"),
             response_serializer=pb.Submission.SerializeToString),
         "ListSubmissions": grpc.unary_unary_rpc_method_handler(
-            servicer.ListSubmissions, request_deserializer=pb.ListSubmissionsRequest.FromString,
+            servicer.ListSubmissions, request_deserializer=_tolerant(pb.ListSubmissionsRequest.FromString, "ListSubmissionsRequest"),
             response_serializer=pb.ListSubmissionsResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

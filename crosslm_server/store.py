@@ -56,7 +56,7 @@ class Store(abc.ABC):
         """Queue a round for a complete upload; (submission, created).
 
         Idempotent per upload: a second call returns the first submission and False.
-        The submission becomes its silo's latest accepted SLM for the task.
+        A submission is not a peer yet: only `finish` (its round succeeded) makes it one.
         Raises NotFoundError for an unknown upload, PreconditionError for an incomplete one.
         """
 
@@ -78,7 +78,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
-        """running -> ready with the enhanced bundle's manifest."""
+        """running -> ready with the enhanced bundle's manifest; the submission becomes its silo's
+        latest accepted SLM for the task (a scorer of other silos' rounds, `peers`)."""
 
     @abc.abstractmethod
     def fail(self, submission_id: str, *, error: str, now: float) -> Submission:
@@ -106,7 +107,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def peers(self, task: str) -> dict[str, str]:
-        """silo -> submission id of that silo's latest accepted SLM on `task`."""
+        """silo -> submission id of that silo's latest SLM on `task` whose round succeeded."""
+
+    @abc.abstractmethod
+    def pending_uploads(self, *, silo: str | None = None) -> list[Upload]:
+        """Uploads with no submission (partial, or complete and not submitted), oldest first;
+        only `silo`'s when given. What a silo holds on disk outside the queue."""
+
+    @abc.abstractmethod
+    def queued_count(self, silo: str) -> int:
+        """Number of `silo`'s submissions waiting in the queue (not running)."""
 
     @abc.abstractmethod
     def check_writable(self) -> None:
@@ -162,7 +172,6 @@ class MemoryStore(Store):
             self._by_upload[upload_id] = submission_id
             self._order.append(submission_id)
             self._events[submission_id] = []
-            self._peers[(up.manifest.task, up.silo)] = submission_id
             return sub, True
 
     def get_submission(self, submission_id: str) -> Submission:
@@ -190,7 +199,8 @@ class MemoryStore(Store):
 
     def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
         with self._lock:
-            self.get_submission(submission_id)
+            sub = self.get_submission(submission_id)
+            self._peers[(sub.task, sub.silo)] = submission_id
             return self._update(submission_id, stage="ready", result=result, metrics=dict(metrics), updated_at=now)
 
     def fail(self, submission_id: str, *, error: str, now: float) -> Submission:
@@ -227,6 +237,15 @@ class MemoryStore(Store):
     def peers(self, task: str) -> dict[str, str]:
         with self._lock:
             return {silo: sid for (t, silo), sid in self._peers.items() if t == task}
+
+    def pending_uploads(self, *, silo: str | None = None) -> list[Upload]:
+        with self._lock:
+            ups = sorted(self._uploads.values(), key=lambda u: u.created_at)
+            return [u for u in ups if u.upload_id not in self._by_upload and (silo is None or u.silo == silo)]
+
+    def queued_count(self, silo: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._subs.values() if s.stage == "queued" and s.silo == silo)
 
     def check_writable(self) -> None:
         return None

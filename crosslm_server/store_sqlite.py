@@ -138,8 +138,6 @@ class SQLiteStore(Store):
                       "task": up.manifest.task, "now": now}
             db.execute("INSERT INTO submissions (submission_id, upload_id, silo, task, stage, created_at, "
                        "updated_at) VALUES (:sid, :uid, :silo, :task, 'queued', :now, :now)", params)
-            db.execute("INSERT INTO peers (task, silo, submission_id) VALUES (:task, :silo, :sid) "
-                       "ON CONFLICT (task, silo) DO UPDATE SET submission_id = excluded.submission_id", params)
         return self.get_submission(submission_id), True
 
     def get_submission(self, submission_id: str) -> Submission:
@@ -172,12 +170,15 @@ class SQLiteStore(Store):
         return ids
 
     def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
-        self.get_submission(submission_id)
-        with self._tx() as db:
+        sub = self.get_submission(submission_id)
+        with self._tx() as db:  # ready and a peer in one transaction
             db.execute("UPDATE submissions SET stage = 'ready', result = :result, metrics = :metrics, "
                        "updated_at = :now WHERE submission_id = :id",
                        {"id": submission_id, "result": manifest_to_json(result),
                         "metrics": json.dumps(dict(metrics)), "now": now})
+            db.execute("INSERT INTO peers (task, silo, submission_id) VALUES (:task, :silo, :id) "
+                       "ON CONFLICT (task, silo) DO UPDATE SET submission_id = excluded.submission_id",
+                       {"task": sub.task, "silo": sub.silo, "id": submission_id})
         return self.get_submission(submission_id)
 
     def fail(self, submission_id: str, *, error: str, now: float) -> Submission:
@@ -225,6 +226,18 @@ class SQLiteStore(Store):
             rows = self._db.execute("SELECT silo, submission_id FROM peers WHERE task = :task "
                                     "ORDER BY silo", {"task": task}).fetchall()
         return dict(rows)
+
+    def pending_uploads(self, *, silo: str | None = None) -> list[Upload]:
+        with self._lock:
+            rows = self._db.execute("SELECT u.upload_id, u.silo, u.manifest, u.complete, u.created_at FROM uploads u "
+                                    "LEFT JOIN submissions s ON s.upload_id = u.upload_id "
+                                    "WHERE s.upload_id IS NULL AND (:silo IS NULL OR u.silo = :silo) "
+                                    "ORDER BY u.created_at", {"silo": silo}).fetchall()
+        return [_upload(r) for r in rows]
+
+    def queued_count(self, silo: str) -> int:
+        return self._one("SELECT COUNT(*) FROM submissions WHERE stage = 'queued' AND silo = :silo",
+                         {"silo": silo})[0]
 
     def check_writable(self) -> None:
         try:

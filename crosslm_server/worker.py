@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 from crosslm_shared.bundle import make_manifest, validate_bundle_dir
 from crosslm_shared.convert import stringify_fields
+from crosslm_shared.errors import CrossLMError
 from crosslm_shared.records import Submission
 from crosslm_server.engine_api import Engine, RoundRequest
 from crosslm_server.service import CrossLMService
@@ -78,7 +80,10 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any load failure is reported on /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("engine failed to load")
+            self.service.attach_checks(task_labels=None, content_check=None)  # no round will run anyway
             return
+        self.service.attach_checks(task_labels=getattr(self.engine, "task_labels", None),
+                                   content_check=getattr(self.engine, "check_slm", None))
         while not self._stop.is_set():
             if not self.engine.ready():
                 self._stop.wait(0.1)
@@ -103,29 +108,49 @@ class Worker:
             self.service.emit(waiting, "queued", {"position": position})
 
     def run_one(self, sub: Submission) -> None:
+        """One round. Success is one step at the end: the result is stored, then the engine
+        publishes what the round changed (`commit`: the LLM adapter version), then the store
+        marks the submission ready and makes it a peer. Any failure before that leaves no
+        result, no adapter version and no change in the engine's memory (`discard`)."""
         svc, sid = self.service, sub.submission_id
         self.current = sid
         log.info("round for submission %s of silo %s on task %s: started", sid, sub.silo, sub.task)
         svc.emit(sid, "started", {})
         timer = _StageTimer(svc.metrics)
+        request = None
         try:
             request = self._request(sub)
             outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer))
             timer.close()
-            self._outcome_metrics(outcome.metrics, kept_seen=timer.kept_seen, task=sub.task)
             result = self._store_result(sub, Path(outcome.slm_dir))
-            svc.store.finish(sid, result=result, metrics=stringify_fields(outcome.metrics), now=svc.clock())
+            metrics = dict(outcome.metrics)
+            commit = getattr(self.engine, "commit", None)
+            if commit is not None:
+                metrics |= dict(commit(request, outcome) or {})
+            self._outcome_metrics(metrics, kept_seen=timer.kept_seen, task=sub.task)
+            svc.store.finish(sid, result=result, metrics=stringify_fields(metrics), now=svc.clock())
             svc.emit(sid, "ready", {"files": len(result.files), "bytes": result.total_size})
             svc.metrics.rounds.labels("done").inc()
             log.info("round for submission %s of silo %s: ready", sid, sub.silo)
         except Exception as e:  # noqa: BLE001 - a failed round is reported, the worker goes on
-            reason = f"{type(e).__name__}: {e}"
             log.exception("round for submission %s of silo %s: failed", sid, sub.silo)
+            self._undo(sub, request)
+            reason = public_reason(e)
             svc.store.fail(sid, error=reason, now=svc.clock())
             svc.emit(sid, "failed", {"reason": reason})
             svc.metrics.rounds.labels("failed").inc()
         finally:
             self.current = None
+
+    def _undo(self, sub: Submission, request: RoundRequest | None) -> None:
+        """A failed round leaves nothing: no result folder, no change in the engine's memory."""
+        shutil.rmtree(self.service.result_dir(sub.submission_id), ignore_errors=True)
+        discard = getattr(self.engine, "discard", None)
+        if discard is not None and request is not None:
+            try:
+                discard(request)
+            except Exception:  # noqa: BLE001 - logged; the engine reports itself through readiness
+                log.exception("round for submission %s: the engine could not undo it", sub.submission_id)
 
     def _request(self, sub: Submission) -> RoundRequest:
         svc = self.service
@@ -197,6 +222,21 @@ class _StageTimer:
         if self.stage is not None:
             self.metrics.stage_seconds.labels(self.stage).observe(time.monotonic() - self.since)
             self.stage = None
+
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\:,;()\[\]]+)+[/\\]?")
+
+
+def public_reason(error: BaseException) -> str:
+    """What a silo is told about its failed round: the problem, never a server path or a
+    traceback (the full text is in the server's log). CrossLM's own errors are written for the
+    caller and keep their words with paths cut to their last part; any other error (a library's
+    text) is named by its type only."""
+    if isinstance(error, CrossLMError):
+        text = _PATH_RE.sub(lambda m: Path(m.group(0).rstrip("/\\")).name or "/", str(error))
+        return f"{type(error).__name__}: {text}"[:500]
+    return (f"the round failed inside the engine ({type(error).__name__}); the server's operator has the "
+            "details in its log")
 
 
 def _number(value: Any) -> float | None:

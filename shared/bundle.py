@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crosslm_shared.errors import BundleError, ResourceExhaustedError
 
-REQUIRED_FILES = frozenset({"config.json", "model.safetensors"})
+META_FILE = "crosslm.json"
+REQUIRED_FILES = frozenset({"config.json", "model.safetensors", META_FILE})
 ALLOWED_FILES = REQUIRED_FILES | frozenset({
-    "crosslm.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
 })
 # files only a result carries: the synthetic set the silo continues on (texts the LLM wrote,
@@ -32,6 +35,13 @@ ALLOWED_MODEL_TYPES = frozenset({"bert", "mpnet"})
 ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL"})
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_META_BYTES = 64 * 1024
+# a task has a handful of labels (the built-in ones 2-6); the cap bounds what one manifest costs
+# to check and to store (issue 24: 500,000 labels made a 6 MB manifest row)
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 64
+# calibrate_temperature searches [0.05, 20]; outside a wide margin of that a scorer is degenerate
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -82,11 +92,18 @@ def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX
         if not NAME_RE.match(value):
             raise BundleError(f"manifest.{key}={value!r} is not a valid name: use letters, "
                               "digits, '.', '_' or '-' (at most 64 characters)")
+    if len(manifest.labels) > MAX_LABELS:
+        raise ResourceExhaustedError(f"manifest.labels has {len(manifest.labels)} labels; the cap is {MAX_LABELS} "
+                                     "(a task has a few labels): send the task's label names in class order")
     if len(manifest.labels) < 2 or len(set(manifest.labels)) != len(manifest.labels):
         raise BundleError(f"manifest.labels={list(manifest.labels)!r} must name at least two "
                           "distinct labels, in class-index order")
-    if not manifest.temperature > 0:
-        raise BundleError(f"manifest.temperature={manifest.temperature!r} must be > 0")
+    for label in manifest.labels:
+        if not 0 < len(label) <= MAX_LABEL_CHARS or not label.isprintable():
+            raise BundleError(f"manifest label {label[:80]!r} must be 1-{MAX_LABEL_CHARS} printable characters")
+    check_temperature(manifest.temperature, "manifest.temperature")
+    if not 0.0 <= manifest.heldout_accuracy <= 1.0:  # NaN fails this too
+        raise BundleError(f"manifest.heldout_accuracy={manifest.heldout_accuracy!r} must be a number in [0, 1]")
     names = [f.name for f in manifest.files]
     if len(set(names)) != len(names):
         raise BundleError(f"manifest lists a file twice: {names}")
@@ -110,6 +127,26 @@ def validate_manifest(manifest: Manifest, *, max_bundle_bytes: int = DEFAULT_MAX
                                      f"server's cap of {max_bundle_bytes} bytes")
 
 
+def check_temperature(value: float, what: str) -> float:
+    """A calibration temperature a scorer can use: finite, in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # NaN and inf fail the comparison
+        raise BundleError(f"{what}={value!r} must be a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] "
+                          "(calibrate_temperature gives 0.05-20)")
+    return float(value)
+
+
+def check_safetensors_prefix(head: bytes, size: int) -> None:
+    """The first 8 bytes of model.safetensors (its header length) against the cap and the file size.
+
+    Checked as soon as those bytes arrive, so a bogus header is refused before the rest is sent.
+    """
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_SAFETENSORS_HEADER or n + 8 > size:
+        raise BundleError(f"model.safetensors header claims {n} bytes (cap "
+                          f"{MAX_SAFETENSORS_HEADER}, file {size}): not a safetensors file")
+
+
 def validate_bundle_dir(folder: Path, manifest: Manifest) -> None:
     """Check the files on disk against the manifest without loading any weights.
 
@@ -122,6 +159,7 @@ def validate_bundle_dir(folder: Path, manifest: Manifest) -> None:
         if not path.is_file() or path.stat().st_size != entry.size:
             raise BundleError(f"bundle file {entry.name!r} is missing or not {entry.size} bytes")
     _check_config(folder / "config.json", manifest.labels)
+    _check_meta(folder / META_FILE, manifest.labels)
     _check_safetensors(folder / "model.safetensors")
     if any(entry.name == SYNTHETIC_FILE for entry in manifest.files):
         read_synthetic(folder / SYNTHETIC_FILE, len(manifest.labels))
@@ -182,16 +220,32 @@ def _check_config(path: Path, labels: tuple[str, ...]) -> None:
                           f"labels {list(labels)}: save the model with id2label set to the task labels")
 
 
+def _check_meta(path: Path, labels: tuple[str, ...]) -> None:
+    """crosslm.json (what every engine reads beside the weights): an object with the manifest's
+    labels and, if given, a usable temperature."""
+    if path.stat().st_size > MAX_META_BYTES:
+        raise BundleError(f"{META_FILE} is larger than {MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{META_FILE} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise BundleError(f"{META_FILE} must hold a JSON object with labels, arch and temperature")
+    if meta.get("labels") != list(labels):
+        raise BundleError(f"{META_FILE} labels {meta.get('labels')!r} do not match the manifest labels "
+                          f"{list(labels)}: save the SLM with the task's labels")
+    if "temperature" in meta:
+        check_temperature(meta["temperature"], f"{META_FILE} temperature")
+
+
 def _check_safetensors(path: Path) -> None:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise BundleError("model.safetensors is shorter than its 8-byte header length")
+        check_safetensors_prefix(head, size)
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_SAFETENSORS_HEADER or n + 8 > size:
-            raise BundleError(f"model.safetensors header claims {n} bytes (cap "
-                              f"{MAX_SAFETENSORS_HEADER}, file {size}): not a safetensors file")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -209,10 +263,36 @@ def _check_safetensors(path: Path) -> None:
             raise BundleError(f"tensor {name!r} data_offsets {info.get('data_offsets')} lie outside the file")
 
 
+def _regular(path: Path) -> bool:
+    """True for a regular file; a link or special file under an allow-listed name is refused,
+    never followed: only the bytes of files inside the SLM folder may leave a silo."""
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise BundleError(f"{path} is {kind}: a bundle sends only regular files inside the SLM folder; "
+                          f"replace it with a copy of the file (or remove it)")
+    return True
+
+
+def open_regular(path: Path):
+    """Open a bundle file for reading without following a link (O_NOFOLLOW): a file swapped for a
+    link after the manifest was made is refused, not sent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise BundleError(f"{path} cannot be opened as a regular file ({e.strerror}): a bundle sends only "
+                          "regular files inside the SLM folder") from e
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise BundleError(f"{path} is not a regular file: a bundle sends only regular files inside the SLM folder")
+    return f
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (memory stays flat)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
@@ -224,7 +304,7 @@ def make_manifest(folder: Path, *, task: str, silo: str, arch: str, labels: tupl
     (the synthetic set too, unless this is a ``result`` going back to a silo)."""
     allowed = ALLOWED_FILES | RESULT_FILES if result else ALLOWED_FILES
     files = tuple(FileEntry(p.name, p.stat().st_size, sha256_file(p))
-                  for p in sorted(folder.iterdir()) if p.is_file() and p.name in allowed)
+                  for p in sorted(folder.iterdir()) if p.name in allowed and _regular(p))
     manifest = Manifest(task=task, silo=silo, arch=arch, labels=tuple(labels),
                         temperature=float(temperature), heldout_accuracy=float(heldout_accuracy),
                         files=files)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import google_crc32c
 
+from crosslm_shared.bundle import open_regular
 from crosslm_shared.errors import BundleError, ConfigError, PreconditionError
 
 KiB = 1024
@@ -61,9 +62,10 @@ def check_chunk_size(size: int) -> int:
 
 def iter_chunks(path: Path, *, name: str | None = None, offset: int = 0,
                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Chunk]:
-    """Yield a file's bytes from `offset` as chunks, reading one chunk at a time."""
+    """Yield a file's bytes from `offset` as chunks, reading one chunk at a time (a link is
+    refused, never followed: see `open_regular`)."""
     name = name or path.name
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         f.seek(offset)
         while data := f.read(chunk_size):
             yield Chunk(name, offset, data, crc32c(data))

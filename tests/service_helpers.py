@@ -11,6 +11,7 @@ from crosslm_server.server_config import EngineSection, ServerConfig, ServerSect
 from crosslm_server.serve import build_server
 
 LABELS = ("neg", "pos")
+OPERATOR_TOKEN = "operator-token-for-tests-0123456789"
 
 
 def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
@@ -19,13 +20,15 @@ def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
                                  temperature=1.0, heldout_accuracy=0.5)
 
 
-def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, **server) -> ServerConfig:
+def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, engine: str = "tiny",
+                  **server) -> ServerConfig:
+    """`engine="echo"` for transfer tests whose bundles are not loadable models (echo checks no content)."""
     section = dict(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0, data_dir=data_dir,
-                   grace_s=5, plaintext_dev_mode=True) | server
+                   grace_s=5, plaintext_dev_mode=True, operator_token=OPERATOR_TOKEN) | server
     return ServerConfig(
         server=ServerSection(**section),
         store=StoreSection(kind=store),
-        engine=EngineSection(name="tiny", options=dict(engine_options or {})))
+        engine=EngineSection(name=engine, options=dict(engine_options or {})))
 
 
 def tls_server_config(data_dir: Path, certs: Path, **kw) -> ServerConfig:
@@ -38,9 +41,11 @@ def start_server(config: ServerConfig, **kw):
     return build_server(config, **kw).start()
 
 
-def http_get(server, path: str) -> tuple[int, str]:
+def http_get(server, path: str, *, token: str | None = OPERATOR_TOKEN) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", headers=headers)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(request, timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()

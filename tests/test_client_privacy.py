@@ -144,7 +144,7 @@ def leaks(sent: list[bytearray], secrets: list[str]) -> list[str]:
 
 def test_the_search_finds_a_planted_leak(tmp_path):
     """Negative control: a canary written into a tokenizer file is found, as UTF-16 too."""
-    from crosslm_client.transport import CrossLMClient
+    from crosslm_client.transport import CrossLMClient, TransportError
     from crosslm_shared.bundle import make_manifest
     from service_helpers import LABELS, tiny_bundle
 
@@ -156,13 +156,39 @@ def test_the_search_finds_a_planted_leak(tmp_path):
     proxy = Proxy(("127.0.0.1", server.grpc_port))
     try:
         with CrossLMClient(f"127.0.0.1:{proxy.port}", "a") as client:
-            client.upload(folder, manifest, "a-leak-0001")
+            with pytest.raises(TransportError, match="INVALID_ARGUMENT"):  # the server refuses the broken
+                client.upload(folder, manifest, "a-leak-0001")  # tokenizer file, after its bytes went
     finally:
         proxy.close()
         server.stop(grace=1)
     found = leaks(proxy.sent, ["zqxleak01", "zqxleak02", "zqxnotsent"])
     assert any("zqxleak01" in f and "special_tokens_map.json" in f for f in found), found
     assert any("zqxleak02" in f for f in found) and not any("zqxnotsent" in f for f in found)
+
+
+def test_a_link_planted_in_the_slm_folder_sends_nothing_of_its_target(tmp_path):
+    """A tokenizer file swapped for a link to the private data after the manifest was made: the
+    client refuses to read it, and no byte of the target crosses the wire."""
+    from crosslm_client.transport import CrossLMClient
+    from crosslm_shared.errors import BundleError
+    from service_helpers import tiny_bundle
+
+    folder, manifest = tiny_bundle(tmp_path / "silo")
+    private = tmp_path / "private.csv"
+    private.write_text("text,label\nzqxlinkcanary01 is private,pos\n")
+    target = folder / "tokenizer.json"
+    target.unlink()
+    target.symlink_to(private)
+    server = start_server(server_config(tmp_path / "server"))
+    proxy = Proxy(("127.0.0.1", server.grpc_port))
+    try:
+        with CrossLMClient(f"127.0.0.1:{proxy.port}", "a") as client:
+            with pytest.raises(BundleError, match="regular file"):
+                client.upload(folder, manifest, "a-link-0001")
+    finally:
+        proxy.close()
+        server.stop(grace=1)
+    assert leaks(proxy.sent, ["zqxlinkcanary01"]) == []
 
 
 def test_no_canary_and_no_private_record_leaves_the_silo(tmp_path):

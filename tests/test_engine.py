@@ -2,7 +2,7 @@
 
 import pytest
 
-from crosslm_server.engine_api import RoundRequest, create_engine
+from crosslm_server.engine_api import RoundOutcome, RoundRequest, create_engine
 from crosslm_shared.slm import load_slm, new_slm
 from crosslm_shared.tasks import load_task
 
@@ -23,17 +23,26 @@ def _request(tmp_path, slm_dir, sid="sub-1", task="toy"):
                         peer_slm_dirs={"a": slm_dir}, work_dir=work)
 
 
+def committed(engine, request, emit=lambda *_: None) -> RoundOutcome:
+    """What the worker does when a round succeeds: run it, then publish it (`commit`)."""
+    out = engine.run_round(request, emit)
+    return RoundOutcome(out.slm_dir, dict(out.metrics) | engine.commit(request, out))
+
+
 def test_round_returns_enhanced_slm_and_saves_one_adapter_version(tmp_path, engine_setup):
     engine, task, slm_dir = engine_setup
     assert engine.ready()
     events = []
-    out = engine.run_round(_request(tmp_path, slm_dir), lambda kind, fields: events.append(kind))
+    request = _request(tmp_path, slm_dir)
+    out = engine.run_round(request, lambda kind, fields: events.append(kind))
+    assert engine.adapters.versions() == []  # nothing is published before the round succeeded
+    out = RoundOutcome(out.slm_dir, dict(out.metrics) | engine.commit(request, out))
     assert load_slm(out.slm_dir).labels == task.label_names
     assert {"generating", "scoring", "training_llm", "training_slm"} <= set(events)
     assert out.metrics["adapter_version"] == 1 and out.metrics["generated"] > 0
     # the same submission again (a rerun after a crash): the adapter is not updated twice
     rerun = RoundRequest("sub-1", "a", "toy", slm_dir, {"a": slm_dir}, tmp_path / "work-rerun")
-    again = engine.run_round(rerun, lambda *_: None)
+    again = committed(engine, rerun)
     assert "adapter_version" not in again.metrics
     assert [v.version for v in engine.adapters.versions()] == [1]
     # the synthetic pool comes back with the SLM; the rerun did not add its examples twice
@@ -74,7 +83,7 @@ def test_interrupted_round_resumes_after_generation(tmp_path, engine_setup, monk
     sampled = []
     monkeypatch.setattr(round_mod, "generate", lambda *a, **k: sampled.append(1))
     events = []
-    out = engine.run_round(request, lambda kind, fields: events.append(kind))
+    out = committed(engine, request, lambda kind, fields: events.append(kind))
     assert sampled == [] and "resumed" in events and "generating" not in events
     assert out.metrics["adapter_version"] == 1
 
@@ -84,7 +93,7 @@ def test_adapters_cli_lists_and_rolls_back_and_the_engine_follows(tmp_path, engi
 
     engine, task, slm_dir = engine_setup
     for sid in ("sub-a", "sub-b"):
-        engine.run_round(_request(tmp_path, slm_dir, sid=sid), lambda *_: None)
+        committed(engine, _request(tmp_path, slm_dir, sid=sid))
     cfg = tmp_path / "server.toml"
     cfg.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[engine]\nname = "crosslm"\n'
                    f'[engine.options]\nadapters_dir = "{tmp_path / "adapters"}"\n')
@@ -116,8 +125,14 @@ def test_the_llm_is_measured_at_load_and_after_every_nth_version(tmp_path, tiny_
     assert engine.ready() and engine.baseline["llm_base_eval_texts"] == 3
     slm_dir = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "submitted")
     events = []
-    first = engine.run_round(_request(tmp_path, slm_dir, sid="s1"), lambda kind, fields: events.append(kind)).metrics
-    second = engine.run_round(_request(tmp_path, slm_dir, sid="s2"), lambda kind, fields: events.append(kind)).metrics
+    published = []  # a round that keeps no sample publishes no version (and is not measured)
+    for i in range(1, 7):
+        metrics = committed(engine, _request(tmp_path, slm_dir, sid=f"s{i}"),
+                            lambda kind, fields: events.append(kind)).metrics
+        published += [metrics] if metrics["llm_updated"] == 1 else []
+        if len(published) == 2:
+            break
+    first, second = published
     assert "llm_acc" not in first and 0 <= second["llm_acc"] <= 1 and second["llm_ppl"] > 1
     assert events.count("evaluating_llm") == 1
     assert first["llm_base_acc"] == second["llm_base_acc"] and first["llm_base_ppl"] > 1
@@ -162,6 +177,32 @@ def test_the_generation_loss_rewards_what_the_update_config_names(tmp_path, tiny
     assert np.allclose(seen["advantage"], expected)
     assert not np.allclose(seen["slm_advantage"], standardise_per_label(reward(seen["judged"], seen["labels"]),
                                                                         seen["labels"]))  # the two differ here
+
+
+def test_a_failed_or_rewardless_round_leaves_the_llm_as_it_was(tmp_path, engine_setup, monkeypatch):
+    """discard restores the adapter in memory; a round whose rewards are all NaN publishes nothing."""
+    import numpy as np
+    import torch
+
+    import crosslm_server.round as round_mod
+
+    engine, task, slm_dir = engine_setup
+    before = engine.llm.adapter_state()
+    request = _request(tmp_path, slm_dir, sid="s-fail")
+    engine.run_round(request, lambda *_: None)
+    changed = engine.llm.adapter_state()
+    assert any(not torch.equal(before[k], changed[k]) for k in before)  # the round did train the LoRA
+    engine.discard(request)
+    assert all(torch.equal(before[k], v) for k, v in engine.llm.adapter_state().items())
+    assert engine.adapters.versions() == []
+
+    real_score = round_mod.score
+    monkeypatch.setattr(round_mod, "score", lambda *a, **k: (lambda s: type(s)(
+        s.probs, np.full_like(s.reward, np.nan), s.advantage))(real_score(*a, **k)))
+    nan = committed(engine, _request(tmp_path, slm_dir, sid="s-nan"))
+    assert nan.metrics["llm_updated"] == 0 and "adapter_version" not in nan.metrics
+    assert engine.adapters.versions() == []
+    assert all(torch.equal(before[k], v) for k, v in engine.llm.adapter_state().items())
 
 
 def test_an_unknown_reward_source_is_refused():

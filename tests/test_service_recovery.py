@@ -90,7 +90,7 @@ def big_bundle(tmp_path):
 
 def test_server_killed_mid_upload_resumes_from_the_committed_offset(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    server = ServerProcess(tmp_path).start()
+    server = ServerProcess(tmp_path, engine="echo").start()  # echo: the big bundle is no loadable model
     try:
         errors = []
 
@@ -177,7 +177,7 @@ with CrossLMClient(sys.argv[1], "a", chunk_size=262144) as client:
 
 def test_client_killed_mid_upload_resumes_after_restart(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    server = start_server(server_config(tmp_path / "server"))
+    server = start_server(server_config(tmp_path / "server", engine="echo"))
     try:
         proc = subprocess.Popen([sys.executable, "-c", CLIENT, address(server), str(folder)])
         with CrossLMClient(address(server), "a", chunk_size=CHUNK, retry=FAST) as probe:
@@ -224,7 +224,10 @@ def test_server_killed_mid_round_never_applies_a_round_twice_to_the_llm_adapter(
         with CrossLMClient(server.address, "a", retry=FAST) as client:
             kinds = [e.kind for e in client.watch(sub.submission_id)]
             assert kinds[-1] == "ready" and kinds.count("ready") == 1, kinds
+            metrics = client.get_submission(sub.submission_id).metrics
         versions = AdapterStore(tmp_path / "data" / "adapters").versions()
-        assert [v.meta["submission_id"] for v in versions] == [sub.submission_id]
+        # one version, or none when the round kept no sample (such a round never changes the LLM)
+        updated = metrics.get("llm_updated", "1") == "1" or "adapter_version" in metrics
+        assert [v.meta["submission_id"] for v in versions] == ([sub.submission_id] if updated else []), metrics
     finally:
         server.stop()

@@ -102,9 +102,32 @@ def test_list_and_peers_keep_latest_per_silo_and_task(store):
     submitted(store, "up-c0001", silo="c", task="spam")
     assert [s.submission_id for s in store.list_submissions(silo="a")] == ["s-up-a0001", "s-up-a0002"]
     assert len(store.list_submissions()) == 4
-    assert store.peers("rt") == {"a": "s-up-a0002", "b": "s-up-b0001"}
+    assert store.peers("rt") == {}  # submitted is not admitted: only a round that succeeded makes a peer
+    for _ in range(4):
+        sub = store.claim_next(now=2.0)
+        if sub.upload_id == "up-b0001":
+            store.fail(sub.submission_id, error="x", now=3.0)
+        else:
+            store.finish(sub.submission_id, result=sub_manifest(store, sub), metrics={}, now=3.0)
+    assert store.peers("rt") == {"a": "s-up-a0002"}  # b's round failed: b scores nobody's round
     assert store.peers("spam") == {"c": "s-up-c0001"}
     store.check_writable()
+
+
+def sub_manifest(store, sub):
+    return store.get_upload(sub.upload_id).manifest
+
+
+def test_pending_uploads_and_queued_counts_per_silo(store):
+    store.put_upload(Upload("up-a0001", "a", manifest(), created_at=1.0))
+    submitted(store, "up-a0002", silo="a")
+    submitted(store, "up-b0001", silo="b")
+    store.put_upload(Upload("up-b0002", "b", manifest(silo="b"), complete=True, created_at=5.0))
+    assert [u.upload_id for u in store.pending_uploads(silo="a")] == ["up-a0001"]
+    assert [u.upload_id for u in store.pending_uploads()] == ["up-a0001", "up-b0002"]
+    assert store.queued_count("a") == 1 and store.queued_count("b") == 1 and store.queued_count("c") == 0
+    store.claim_next(now=6.0)
+    assert store.queued_count("a") == 0
 
 
 def test_sqlite_state_survives_reopen(tmp_path):
