@@ -133,7 +133,10 @@ class Worker:
             svc.metrics.rounds.labels("done").inc()
             log.info("round for submission %s of silo %s: ready", sid, sub.silo)
         except Exception as e:  # noqa: BLE001 - a failed round is reported, the worker goes on
-            log.exception("round for submission %s of silo %s: failed", sid, sub.silo)
+            if isinstance(e, CrossLMError):  # a reason written for the caller: one line is enough
+                log.warning("round for submission %s of silo %s: failed: %s: %s", sid, sub.silo, type(e).__name__, e)
+            else:
+                log.exception("round for submission %s of silo %s: failed", sid, sub.silo)
             self._undo(sub, request)
             reason = public_reason(e)
             svc.store.fail(sid, error=reason, now=svc.clock())
