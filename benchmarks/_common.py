@@ -360,7 +360,10 @@ def start_server(root: Path, *, name: str = "server", engine: str = "echo", engi
     root = root / name
     root.mkdir(parents=True, exist_ok=True)
     keys: dict[str, Any] = {"grpc_host": "127.0.0.1", "grpc_port": 0, "http_host": "127.0.0.1", "http_port": 0,
-                            "data_dir": str(root / "data"), "log_level": "INFO"}
+                            "data_dir": str(root / "data"), "log_level": "INFO",
+                            # the benchmarks upload many bundles without submitting them: they measure
+                            # transfer, not the per-silo pending-upload quotas (docs/service.md, Quotas)
+                            "max_pending_uploads_per_silo": 100_000, "max_silo_upload_bytes": 2**50}
     certs = None
     if tls:
         certs = make_certs(root / "certs", server_hosts=[], silos=list(silos), force=True)

@@ -3,8 +3,8 @@
 
     .venv/bin/python benchmarks/concurrency.py [--quick] [--silos 1,4,16,32] [--total-mib 1024]
 
-One `crosslm-server serve` process (engine "echo", its default config: 32 gRPC workers, 4
-uploads per silo) over mTLS, each silo with its own certificate (its CN is its identity;
+One `crosslm-server serve` process (engine "echo", its default config: 64 gRPC workers, 8 of them
+reserved for unary calls, 4 uploads per silo) over mTLS, each silo with its own certificate (its CN is its identity;
 `--plaintext` names silos by the dev-mode header instead). Each level uploads about the same
 total (`--total-mib`, split evenly over the silos), so every level runs for a similar time;
 the silos are threads of this process that start together on a barrier, each with its own
