@@ -244,7 +244,8 @@ class CrossLMEngine:
                 why = "no finite reward" if not math.isfinite(reward_mean) else "no sample kept"
                 log.warning("submission %s: %s, the LLM is left as it was (adapter v%d)", request.submission_id,
                             why, self._version)
-                return {"llm_updated": 0, "llm_not_updated": why}
+                # adapter_version: the version the LLM holds after this round (unchanged; 0 = none yet)
+                return {"llm_updated": 0, "llm_not_updated": why, "adapter_version": self._version}
             version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
                                          task=pending.task.name, metrics=metrics)
             self._version = version.version
