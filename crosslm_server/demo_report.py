@@ -79,7 +79,7 @@ def build_report(silo_dirs: dict[str, Path], *, rounds: int, header: dict[str, A
                 continue
             per_round[rep["round"] - 1][name] = {
                 **{k: m[k] for k in ("generated", "kept", "kept_per_label", "reward_mean", "reward_std", "reward_hist",
-                                     "agree_rate", "kl", "distinct_2", "distinct_2_kept", "truncated", "tokens_per_s",
+                                     "agree_rate", "kl", "distinct_2", "distinct_2_kept", "truncated", "truncated_rate", "tokens_per_s",
                                      "adapter_version") if k in m},
                 "seconds_per_stage": {s: m.get(f"seconds_{s}", 0.0) for s in STAGES},
                 "acc": rep["test_accuracy_after"], "adopted": rep["kept"] == "enhanced",
@@ -113,6 +113,9 @@ def _totals(silos: dict[str, dict]) -> dict[str, Any]:
     vals = list(silos.values())
     return {"generated": sum(v["generated"] for v in vals), "kept": sum(v["kept"] for v in vals),
             "truncated": sum(v["truncated"] for v in vals),
+            # of every text generated in the round (servers from before 2026-12-07 report no rate)
+            **({"truncated_rate": sum(v["truncated"] for v in vals) / max(1, sum(v["generated"] for v in vals))}
+               if all("truncated_rate" in v for v in vals) else {}),
             **{k: float(np.mean([v[k] for v in vals])) for k in ("reward_mean", "kl", "distinct_2")},
             "seconds_per_stage": {s: sum(v["seconds_per_stage"][s] for v in vals) for s in STAGES}}
 

@@ -92,12 +92,18 @@ def render_markdown(report: dict) -> str:
     for rnd in report["rounds"]:
         st = rnd["seconds_per_stage"]
         lines.append(f"| {rnd['round']} | {rnd['generated']} | {rnd['kept']} | {_pct(rnd['kept'] / max(1, rnd['generated']))} | "
-                     f"{rnd['reward_mean']:.3f} | {rnd['kl']:.4f} | {rnd['distinct_2']:.3f} | {rnd['truncated']} | "
+                     f"{rnd['reward_mean']:.3f} | {rnd['kl']:.4f} | {rnd['distinct_2']:.3f} | {_truncated(rnd)} | "
                      f"{_pct(rnd['llm']['acc'])} | {rnd['llm']['ppl']:.2f} | {st['generate']:.0f} | {st['score']:.0f} | "
                      f"{st['update_llm']:.0f} | {st['enhance_slm']:.0f} |")
     timing = report.get("timing", {})
     lines += ["", "## Time (s)", "", " · ".join(f"{k}: {v:.0f}" for k, v in timing.items()), ""]
     return "\n".join(lines)
+
+
+def _truncated(rnd: dict) -> str:
+    """Texts that hit the cap, with their share of the round's generations where the report has it."""
+    rate = rnd.get("truncated_rate")
+    return f"{rnd['truncated']} ({_pct(rate)} %)" if rate is not None else f"{rnd['truncated']}"
 
 
 def _rates(rates: dict | None) -> str:

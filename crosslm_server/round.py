@@ -127,7 +127,8 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     seconds["enhance_slm"] = time.perf_counter() - t
 
     metrics = {
-        "generated": len(texts),
+        "generated": gen.generated,  # every text the LLM wrote, truncated ones dropped before scoring too
+        "scored": len(texts),
         "kept": len(keep),
         "kept_per_label": np.bincount([labels[i] for i in keep], minlength=task.num_labels).tolist(),
         "reward_mean": float(scores.reward.mean()),
@@ -142,7 +143,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
         "llm_steps": upd["steps"],
         "distinct_2": distinct_n(texts, 2),
         "distinct_2_kept": distinct_n(kept_texts, 2),
-        "truncated": sum(s.truncated for s in gen.samples),
+        **gen.stats(),  # truncated (hit the cap), truncated_rate, repaired, dropped_truncated, end_*, the limits
         "tokens_per_s": gen.tokens_per_second,
         "seconds_per_stage": seconds,
     }

@@ -85,8 +85,8 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
     judged, llm_weight = judged_proba(scores, llm, task, texts, labels, cfg.round.filter.llm_weight)
     keep = select(texts, labels, judged, cfg.round.filter)
     target = targets([labels[i] for i in keep], judged[keep], cfg.round.enhance)
-    out = {"generated": len(texts), "kept": len(keep), "llm_weight": llm_weight, "silos": {},
-           **label_quality(judge, texts, labels, keep, scores.reward)}
+    out = {**gen.stats(), "generated": gen.generated, "scored": len(texts), "kept": len(keep), "llm_weight": llm_weight,
+           "silos": {}, **label_quality(judge, texts, labels, keep, scores.reward)}
     kept_texts = [texts[i] for i in keep]
     for silo in split.silos:
         _, out["silos"][silo.name] = take_synthetic(silo, local[silo.name], kept_texts, target, cfg, cfg.round.slm,
@@ -273,6 +273,9 @@ def _round_totals(silos: dict) -> dict:
         "kl": float(np.mean([v["kl"] for v in vals])),
         "distinct_2": float(np.mean([v["distinct_2"] for v in vals])),
         "truncated": sum(v["truncated"] for v in vals),
+        # of every text generated in the round; rounds from before 2026-12-07 have no rate
+        **({"truncated_rate": sum(v["truncated"] for v in vals) / max(1, sum(v["generated"] for v in vals))}
+           if all("truncated_rate" in v for v in vals) else {}),
         **{k: float(np.nanmean([v[k] for v in vals])) for k in ("judge_on_label", "judge_on_label_kept", "reward_auc",
                                                                  "llm_weight")
            if all(k in v for v in vals) and not all(np.isnan(v[k]) for v in vals)},
@@ -286,4 +289,4 @@ def _dump_samples(path: Path, res) -> None:
         for i, s in enumerate(res.samples):
             fh.write(json.dumps({"text": s.text, "label": s.label, "reward": float(res.scores.reward[i]),
                                  "advantage": float(res.scores.advantage[i]), "kept": i in keep,
-                                 "truncated": s.truncated}) + "\n")
+                                 "truncated": s.truncated, "end": s.end, "repaired": s.repaired}) + "\n")

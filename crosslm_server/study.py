@@ -341,13 +341,14 @@ def gate_summary(reports: Reports, arms: list[str]) -> dict:
     return gate
 
 
-QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc", "llm_weight")
+QUALITY = ("judge_on_label", "judge_on_label_kept", "reward_auc", "llm_weight", "truncated_rate")
 
 
 def label_quality_summary(reports: Reports, arms: list[str]) -> dict:
     """Per arm and round (ZeroGen: its one generation), the judge's view of the synthetic data:
     on-label rate of all generated and of the kept texts, and the reward's AUC for on-label
-    texts; means ± std over seeds. Runs made before reports carried these are left out."""
+    texts; the LLM's filter weight and the share of generations that hit the token cap; means ±
+    std over seeds. Runs made before reports carried these are left out."""
     rows: dict[str, dict[str, list[float]]] = {}
     for arm, rep in _of_arms(reports, arms):
         for rnd in rep["rounds"]:
@@ -449,13 +450,15 @@ def render(summary: dict) -> str:
         lines += ["", "## Label quality of the synthetic data, by the judge", "",
                   "The judge's agreement with the intended label over all generated texts and over the "
                   "kept ones (%), and the reward's AUC for the texts the judge agrees with (0.5: the reward "
-                  "carries no label information), and the LLM's weight in the filter (`filter.llm_weight`; "
-                  "\"auto\" sets it per batch); means over seeds:", "",
-                  "| arm, round | on-label, all | on-label, kept | reward AUC | LLM weight |", "|---|---|---|---|---|"]
+                  "carries no label information), the LLM's weight in the filter (`filter.llm_weight`; "
+                  "\"auto\" sets it per batch) and the generations that hit the token cap before they ended "
+                  "(truncated, %; runs from before 2026-12-07: –); means over seeds:", "",
+                  "| arm, round | on-label, all | on-label, kept | reward AUC | LLM weight | truncated |",
+                  "|---|---|---|---|---|---|"]
         for name, q in summary["label_quality"].items():
             cells = [f"{scale * q[k]['mean']:.{digits}f}" if k in q else "–"
                      for k, scale, digits in (("judge_on_label", 100, 1), ("judge_on_label_kept", 100, 1),
-                                              ("reward_auc", 1, 2), ("llm_weight", 1, 2))]
+                                              ("reward_auc", 1, 2), ("llm_weight", 1, 2), ("truncated_rate", 100, 1))]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     if summary.get("gate"):
         lines += ["", "## The silos' keep-if-better gate", "",

@@ -22,6 +22,13 @@ def test_simulate_tiny_writes_complete_report(tmp_path, tiny_sim_config):
             assert 0.0 <= s["acc_returned"] <= 1.0
             assert not s["adopted"] or s["acc_returned"] == s["acc"]
     assert rnd["generated"] == 2 * 4 * 3  # silos × per_label × labels
+    # truncation: texts that hit the cap, of every text generated, per silo, per round and for ZeroGen
+    assert rnd["truncated_rate"] == rnd["truncated"] / rnd["generated"]
+    for s in rnd["silos"].values():
+        assert s["truncated_rate"] == s["truncated"] / s["generated"] and s["max_new_tokens"] == 12
+        assert sum(s[f"end_{e}"] for e in ("close", "newline", "sentence", "eos", "cap")) == s["generated"]
+    assert 0 <= report["baselines"]["zerogen"]["truncated_rate"] <= 1
+    assert f"| {rnd['truncated']} ({100 * rnd['truncated_rate']:.1f} %) |" in (out / "report.md").read_text()
     assert set(rnd["seconds_per_stage"]) == {"generate", "score", "filter", "update_llm", "enhance_slm"}
     assert (out / "adapters" / "round-2" / "adapter_model.safetensors").exists()
     assert "ZeroGen" in (out / "report.md").read_text()

@@ -49,6 +49,7 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
     assert {"crosslm r1", "no_kl r1", "zerogen"} <= set(quality)
     for q in quality.values():
         assert 0 <= q["judge_on_label"]["mean"] <= 1 and q["judge_on_label"]["n"] == 2
+        assert 0 <= q["truncated_rate"]["mean"] <= 1 and q["truncated_rate"]["n"] == 2  # hit the token cap
     assert "Label quality of the synthetic data" in (out / "study.md").read_text()
     # each ablation beside the protocol on the same seeds
     row = summary["ablations"]["no_kl"]
