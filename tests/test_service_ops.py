@@ -221,7 +221,8 @@ def test_bad_config_exits_2_with_the_field_named(tmp_path):
 
 
 def test_waiting_submissions_hear_their_new_queue_position(tmp_path):
-    s = start_server(server_config(tmp_path / "srv", engine_options={"step_seconds": 0.05}))
+    # three waiting rounds of one silo: above the default fair share (max_queued_per_silo = 2)
+    s = start_server(server_config(tmp_path / "srv", engine_options={"step_seconds": 0.05}, max_queued_per_silo=3))
     try:
         ids = []
         with CrossLMClient(address(s), "a") as c:
