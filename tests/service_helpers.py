@@ -5,8 +5,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
+import pytest
+
 from crosslm_client.tiny import new_tiny_slm
+from crosslm_shared import convert
 from crosslm_shared.bundle import make_manifest
+from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
+from crosslm_shared.transfer import crc32c, iter_chunks
 from crosslm_server.server_config import EngineSection, ServerConfig, ServerSection, StoreSection
 from crosslm_server.serve import build_server
 
@@ -53,3 +59,27 @@ def http_get(server, path: str, *, token: str | None = OPERATOR_TOKEN) -> tuple[
 
 def address(server) -> str:
     return f"127.0.0.1:{server.grpc_port}"
+
+
+# ---- raw wire messages, for tests that speak gRPC without the client ----------------------
+def header(upload_id, manifest):
+    return pb.UploadRequest(header=pb.UploadHeader(upload_id=upload_id, manifest=convert.manifest_to_pb(manifest)))
+
+
+def chunk(name, offset, data):
+    return pb.UploadRequest(chunk=pb.Chunk(file=name, offset=offset, data=data, crc32c=crc32c(data)))
+
+
+def messages(upload_id, manifest, folder):
+    yield header(upload_id, manifest)
+    for entry in manifest.files:
+        for c in iter_chunks(folder / entry.name, name=entry.name):
+            yield pb.UploadRequest(chunk=convert.chunk_to_pb(c))
+
+
+def refused(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        result = call(*args, **kw)
+        if hasattr(result, "__next__"):
+            list(result)
+    return e.value.code(), e.value.details() or ""

@@ -16,12 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from crosslm_shared import convert
 from crosslm_shared.bundle import FileEntry, make_manifest
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
-from crosslm_shared.transfer import crc32c, iter_chunks
-from service_helpers import LABELS, address, server_config, start_server, tiny_bundle
+from service_helpers import LABELS, address, chunk, header, messages, refused, server_config, start_server, tiny_bundle
 
 pytestmark = pytest.mark.hostile
 MiB = 1024 * 1024
@@ -62,29 +60,6 @@ def done(server, stub, bundle):
 
 def silo(name):
     return (("x-crosslm-silo", name),)
-
-
-def header(upload_id, manifest):
-    return pb.UploadRequest(header=pb.UploadHeader(upload_id=upload_id, manifest=convert.manifest_to_pb(manifest)))
-
-
-def chunk(name, offset, data):
-    return pb.UploadRequest(chunk=pb.Chunk(file=name, offset=offset, data=data, crc32c=crc32c(data)))
-
-
-def messages(upload_id, manifest, folder):
-    yield header(upload_id, manifest)
-    for entry in manifest.files:
-        for c in iter_chunks(folder / entry.name, name=entry.name):
-            yield pb.UploadRequest(chunk=convert.chunk_to_pb(c))
-
-
-def refused(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        result = call(*args, **kw)
-        if hasattr(result, "__next__"):
-            list(result)
-    return e.value.code(), e.value.details() or ""
 
 
 def variant(tmp_path, bundle, *, config=None, safetensors: bytes | None = None, labels=LABELS, drop=()):

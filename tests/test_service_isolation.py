@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from crosslm_client.tiny import new_tiny_slm
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
-from crosslm_shared import convert
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.certs import make_certs
 from crosslm_shared.errors import BundleError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
-from crosslm_shared.transfer import crc32c, iter_chunks
-from service_helpers import LABELS, OPERATOR_TOKEN, http_get, start_server, tiny_bundle, tls_server_config
+from crosslm_shared.transfer import iter_chunks
+from service_helpers import (LABELS, OPERATOR_TOKEN, chunk, header, http_get, messages, refused, start_server,
+                             tiny_bundle, tls_server_config)
 
 pytestmark = pytest.mark.hostile
 CODE = grpc.StatusCode
@@ -61,29 +61,6 @@ def stub(server, certs, silo):
 
 def client(server, certs, silo, **kw) -> CrossLMClient:
     return CrossLMClient(f"localhost:{server.grpc_port}", silo, tls=tls(certs, silo), retry=FAST, **kw)
-
-
-def header(upload_id, manifest):
-    return pb.UploadRequest(header=pb.UploadHeader(upload_id=upload_id, manifest=convert.manifest_to_pb(manifest)))
-
-
-def chunk(name, offset, data):
-    return pb.UploadRequest(chunk=pb.Chunk(file=name, offset=offset, data=data, crc32c=crc32c(data)))
-
-
-def messages(upload_id, manifest, folder):
-    yield header(upload_id, manifest)
-    for entry in manifest.files:
-        for c in iter_chunks(folder / entry.name, name=entry.name):
-            yield pb.UploadRequest(chunk=convert.chunk_to_pb(c))
-
-
-def refused(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        result = call(*args, **kw)
-        if hasattr(result, "__next__"):
-            list(result)
-    return e.value.code(), e.value.details() or ""
 
 
 def bundle_of(root: Path, silo: str, *, seed: int = 0, labels=LABELS, task="rt", edit=None, **manifest_kw):
