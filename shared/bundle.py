@@ -195,15 +195,21 @@ def read_synthetic(path: Path, k: int) -> tuple[list[str], list[list[float]]]:
     return texts, targets
 
 
-def _check_config(path: Path, labels: tuple[str, ...]) -> None:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise BundleError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+def _json_object(path: Path, *, max_bytes: int, holding: str = "") -> dict:
+    """The JSON object in `path`, read only if it is at most `max_bytes`; a BundleError names the file."""
+    if path.stat().st_size > max_bytes:
+        raise BundleError(f"{path.name} is larger than {max_bytes} bytes")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"config.json is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise BundleError("config.json must hold a JSON object")
+        raise BundleError(f"{path.name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise BundleError(f"{path.name} must hold a JSON object{holding}")
+    return value
+
+
+def _check_config(path: Path, labels: tuple[str, ...]) -> None:
+    config = _json_object(path, max_bytes=MAX_CONFIG_BYTES)
     if "auto_map" in config:
         raise BundleError("config.json has 'auto_map' (remote code): remote code is never run; "
                           "save the model with a stock transformers class")
@@ -223,14 +229,7 @@ def _check_config(path: Path, labels: tuple[str, ...]) -> None:
 def _check_meta(path: Path, labels: tuple[str, ...]) -> None:
     """crosslm.json (what every engine reads beside the weights): an object with the manifest's
     labels and, if given, a usable temperature."""
-    if path.stat().st_size > MAX_META_BYTES:
-        raise BundleError(f"{META_FILE} is larger than {MAX_META_BYTES} bytes")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{META_FILE} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise BundleError(f"{META_FILE} must hold a JSON object with labels, arch and temperature")
+    meta = _json_object(path, max_bytes=MAX_META_BYTES, holding=" with labels, arch and temperature")
     if meta.get("labels") != list(labels):
         raise BundleError(f"{META_FILE} labels {meta.get('labels')!r} do not match the manifest labels "
                           f"{list(labels)}: save the SLM with the task's labels")

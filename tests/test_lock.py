@@ -6,6 +6,7 @@ and when the environment the tests run in is not the one the lock describes.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import re
 import runpy
@@ -23,6 +24,7 @@ LOCKFILE = runpy.run_path(str(ROOT / "scripts" / "lockfile"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+@functools.cache
 def _locked() -> dict[str, list[tuple[Version, Marker | None, list[str]]]]:
     """name -> [(version, marker, hashes)]: a name appears twice where the lock forks on a marker."""
     out: dict[str, list] = {}
