@@ -29,6 +29,12 @@ def test_non_finite_constant_or_non_probability_scorers_are_dropped_and_named():
     assert all(kind == "scorer_dropped" for kind, _ in events)
 
 
+def test_a_scorer_flattened_by_its_temperature_but_still_ranking_the_texts_is_kept():
+    # measured: a tiny silo SLM calibrated to temperature 20 answered 0.49937 +- 1e-6 (std 9e-7)
+    flat_but_ranking = Fixed("hot", [[0.4993732, 0.5006268], [0.4993715, 0.5006285], [0.4993720, 0.5006280]])
+    assert len(usable_scorers([flat_but_ranking], ["x", "y", "z"])) == 1
+
+
 def test_a_round_with_no_usable_scorer_fails_with_a_reason():
     with pytest.raises(DataError, match="unusable outputs"):
         usable_scorers([Fixed("nan", [[np.nan, np.nan]])], ["x"])
