@@ -172,8 +172,7 @@ class CrossLMEngine:
         spec = self.tasks.get(task)
         return tuple(spec.label_names) if spec is not None else None
 
-    def check_slm(self, folder: Path, manifest) -> dict[str, int]:
-        return dict(check_slm(folder, manifest))
+    check_slm = staticmethod(check_slm)  # module-level, so the service can run it in its checker process
 
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
         if not self.ready():

@@ -55,7 +55,9 @@ class Engine(Protocol):
     # Optional (the worker uses them when an engine has them):
     #   task_labels(task) -> tuple[str, ...] | None   the served task's labels; None: not served
     #   check_slm(folder, manifest) -> Mapping         peer admission: raise BundleError unless the
-    #                                                  uploaded SLM is usable (crosslm_server.admission)
+    #                                                  uploaded SLM is usable (crosslm_server.admission);
+    #                                                  a module-level function (a staticmethod): the
+    #                                                  service runs it in a separate, bounded process
     #   commit(request, outcome) -> Mapping            publish what the round changed (the LLM
     #                                                  adapter), called only once the round succeeded;
     #                                                  returns metrics to add

@@ -47,8 +47,7 @@ class TinyEngine:
     def task_labels(self, task: str) -> tuple[str, ...] | None:
         return self.tasks.get(task)
 
-    def check_slm(self, folder: Path, manifest) -> Mapping[str, int]:
-        return check_slm(folder, manifest)
+    check_slm = staticmethod(check_slm)  # module-level, so the service can run it in its checker process
 
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
         if request.silo in self.fail_silos:

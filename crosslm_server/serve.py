@@ -118,6 +118,7 @@ class Server:
             log.warning("round %s still running at shutdown: it will run again on the next start",
                         self.worker.current)
         done.wait(grace)
+        self.service.close()
         self._uvicorn.should_exit = True
         if self._http_thread.is_alive():
             self._http_thread.join(5)
@@ -166,7 +167,10 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
                                            max_queue=s.max_queue, max_queued_per_silo=s.max_queued_per_silo,
                                            max_pending_uploads_per_silo=s.max_pending_uploads_per_silo,
                                            max_silo_upload_bytes=s.max_silo_upload_bytes,
-                                           upload_ttl_s=s.upload_ttl_s))
+                                           upload_ttl_s=s.upload_ttl_s,
+                                           admission_timeout_s=s.admission_timeout_s,
+                                           admission_memory_bytes=s.admission_memory_bytes,
+                                           keep_rounds_per_silo=s.keep_rounds_per_silo))
     engine_options = dict(config.engine.options)
     if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
         engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))

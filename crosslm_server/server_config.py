@@ -41,6 +41,9 @@ class ServerSection:
     max_pending_uploads_per_silo: int = 4  # uploads one silo may hold unsubmitted (partial or complete)
     max_silo_upload_bytes: int = 4096 * MiB  # bytes those pending uploads of one silo may reserve on disk
     upload_ttl_s: float = 86400.0       # an unsubmitted upload whose files did not change this long is deleted
+    admission_timeout_s: float = 120.0  # the content check of one uploaded SLM (its own process) may take this long
+    admission_memory_bytes: int = 4096 * MiB  # ... and this much memory beyond its process's idle size
+    keep_rounds_per_silo: int = 4       # files (bundle, result, work folder) of each silo's last N ended rounds
     grpc_workers: int = 64              # gRPC handler threads; each open stream (a Watch too) holds one
     reserved_workers: int = 8           # handler threads streams may never take: unary calls and health checks
     max_streams_per_silo: int = 8       # Upload + Watch + Download streams one silo may hold open at once
@@ -69,7 +72,7 @@ class ServerSection:
         if self.max_queue < 1:
             raise _bad("server", "max_queue", self.max_queue, ">= 1")
         for name in ("max_uploads_per_silo", "max_queued_per_silo", "max_pending_uploads_per_silo",
-                     "max_streams_per_silo", "max_silo_upload_bytes"):
+                     "max_streams_per_silo", "max_silo_upload_bytes", "keep_rounds_per_silo"):
             if getattr(self, name) < 1:
                 raise _bad("server", name, getattr(self, name), ">= 1")
         if self.max_uploads_per_silo > self.max_streams_per_silo:
@@ -77,6 +80,10 @@ class ServerSection:
                        f"<= max_streams_per_silo ({self.max_streams_per_silo})")
         if not self.upload_ttl_s > 0:
             raise _bad("server", "upload_ttl_s", self.upload_ttl_s, "> 0 seconds")
+        if not self.admission_timeout_s > 0:
+            raise _bad("server", "admission_timeout_s", self.admission_timeout_s, "> 0 seconds")
+        if self.admission_memory_bytes < 256 * MiB:
+            raise _bad("server", "admission_memory_bytes", self.admission_memory_bytes, ">= 256 MiB")
         if self.operator_token and len(self.operator_token) < 16:
             raise _bad("server", "operator_token", "<hidden>", "empty (view off) or at least 16 characters")
         if not 0 <= self.worker_nice <= 19:

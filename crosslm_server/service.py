@@ -28,7 +28,7 @@ from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, Per
                                    PreconditionError, ResourceExhaustedError)
 from crosslm_shared.records import Event, Submission, Upload
 from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
-from crosslm_server.admission import TaskLabels, check_task
+from crosslm_server.admission import IsolatedChecker, TaskLabels, check_task
 from crosslm_server.metrics import Metrics
 from crosslm_server.store import Store
 
@@ -64,6 +64,9 @@ class Limits:
     max_silo_upload_bytes: int = 4 * 1024**3
     upload_ttl_s: float = 24 * 3600.0
     upload_lock_timeout_s: float = 30.0
+    admission_timeout_s: float = 120.0
+    admission_memory_bytes: int = 4 * 1024**3
+    keep_rounds_per_silo: int = 4
 
 
 class CrossLMService:
@@ -81,6 +84,7 @@ class CrossLMService:
         self.task_labels: TaskLabels | None = None
         self.content_check: Callable[[Path, Manifest], object] | None = None
         self._checks_attached = threading.Event()
+        self._checker: IsolatedChecker | None = None
         self._quota_lock = threading.Lock()
         self.stopping = threading.Event()
 
@@ -89,7 +93,16 @@ class CrossLMService:
         """The engine's admission checks (see `crosslm_server.admission`); None skips one. Uploads
         wait for this (up to `checks_wait_s`) so no bundle is taken before the checks exist."""
         self.task_labels, self.content_check = task_labels, content_check
+        if content_check is not None:
+            self._checker = IsolatedChecker(timeout_s=self.limits.admission_timeout_s,
+                                            memory_bytes=self.limits.admission_memory_bytes)
+            threading.Thread(target=self._checker.start, name="crosslm-admission-start", daemon=True).start()
         self._checks_attached.set()
+
+    def close(self) -> None:
+        """Stop what the service started beside the server (the content checker's process)."""
+        if self._checker is not None:
+            self._checker.close()
 
     def _wait_for_checks(self, checks_wait_s: float = 60.0) -> None:
         if not self._checks_attached.wait(checks_wait_s):
@@ -229,7 +242,7 @@ class CrossLMService:
                 self._verified(upload, folder, PartialFile(folder / f.name, size=0, sha256=f.sha256).finish)
         self._verified(upload, folder, lambda: validate_bundle_dir(folder, upload.manifest))
         if self.content_check is not None:
-            self._verified(upload, folder, lambda: self.content_check(folder, upload.manifest))
+            self._verified(upload, folder, lambda: self._checker(self.content_check, folder, upload.manifest))
         self._partials.pop(upload.upload_id, None)
         os.replace(folder, self.bundle_dir(upload.upload_id))
         upload = self.store.mark_upload_complete(upload.upload_id)
@@ -306,6 +319,31 @@ class CrossLMService:
     def list_submissions(self, silo: str | None) -> list[Submission]:
         return self.store.list_submissions(silo=silo)
 
+    def prune_rounds(self, silo: str) -> list[str]:
+        """Keep the files of a silo's last `keep_rounds_per_silo` ended rounds; delete the older
+        ones' result, work folder and uploaded bundle (the bundle of a submission that is a peer
+        stays: other silos' rounds score with it). Rows stay, so the history can be listed.
+        Returns the submission ids whose files were deleted."""
+        ended = sorted((s for s in self.store.list_submissions(silo=silo) if s.terminal),
+                       key=lambda s: (s.updated_at, s.submission_id), reverse=True)
+        old = ended[self.limits.keep_rounds_per_silo:]
+        if not old:
+            return []
+        peers = {sid for task in {s.task for s in old} for sid in self.store.peers(task).values()}
+        pruned = []
+        for sub in old:
+            folders = [self.result_dir(sub.submission_id), self.work_dir(sub.submission_id)]
+            if sub.submission_id not in peers:
+                folders.append(self.bundle_dir(sub.upload_id))
+            if any(f.exists() for f in folders):
+                for folder in folders:
+                    shutil.rmtree(folder, ignore_errors=True)
+                pruned.append(sub.submission_id)
+        if pruned:
+            log.info("silo %s: deleted the files of %d old round(s) (keep_rounds_per_silo=%d)", silo, len(pruned),
+                     self.limits.keep_rounds_per_silo)
+        return pruned
+
     # ---- events --------------------------------------------------------------------------
     def emit(self, submission_id: str, kind: str, fields: Mapping[str, Any]) -> Event:
         event = self.store.append_event(submission_id, kind, stringify_fields(fields), now=self.clock())
@@ -346,6 +384,10 @@ class CrossLMService:
             raise PreconditionError(f"submission {submission_id!r} is {sub.stage}, not ready: "
                                     "Watch it until the 'ready' event, then download")
         entry = sub.result.file(name)
+        if not self.result_dir(submission_id).is_dir():
+            raise NotFoundError(f"the result of submission {submission_id!r} was deleted: the server keeps the "
+                                f"files of each silo's last {self.limits.keep_rounds_per_silo} rounds "
+                                "(keep_rounds_per_silo); submit again")
         if not 0 <= offset <= entry.size:
             raise InvalidRequestError(f"offset={offset} is outside file {name!r} of {entry.size} bytes")
         size = min(chunk_size or self.limits.chunk_size, self.limits.chunk_size)

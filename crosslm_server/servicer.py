@@ -90,9 +90,10 @@ def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None
     if isinstance(error, CrossLMError):
         log.info("%s refused: %s: %s", method, type(error).__name__, error)
         context.abort(status_of(error), str(error))
-    if not context.is_active():  # the caller went away (or an idle timeout cut the stream)
-        log.info("%s ended: the caller is gone (%s)", method, type(error).__name__)
-        return
+    if not context.is_active():  # the caller went away, or an idle timeout cut the stream (logged then)
+        if not getattr(context, "crosslm_idle_cut", False):
+            log.info("%s ended: the caller is gone (%s)", method, type(error).__name__)
+        context.abort(grpc.StatusCode.CANCELLED, "the stream ended")  # no response to serialize
     log.exception("%s failed unexpectedly", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); "
                   "retry, and tell the server's operator if it persists")
@@ -125,6 +126,7 @@ def _cancel_idle(context: grpc.ServicerContext, silo: str, upload_id: str, idle_
     log.warning("%s from silo %s: no progress for %.0f s; stream cancelled (it can resume)", what, silo, idle_s)
     details = (f"{what} made no progress (no header, no bytes) for {idle_s:.0f} s (server idle_timeout_s): the "
                "stream was cut; resume it from QueryUpload's committed offsets")
+    context.crosslm_idle_cut = True  # this is the one log line of this stream's end (see `_abort`)
     try:  # grpc's public cancel() sends a bare CANCELLED; the core call can carry a status and a reason
         context._rpc_event.call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details)
     except Exception:  # noqa: BLE001 - another grpc version: the bare cancel still cuts the stream

@@ -144,6 +144,10 @@ class Worker:
             svc.metrics.rounds.labels("failed").inc()
         finally:
             self.current = None
+        try:
+            svc.prune_rounds(sub.silo)
+        except Exception:  # noqa: BLE001 - logged; the next round of the silo tries again
+            log.exception("deleting old rounds of silo %s failed", sub.silo)
 
     def _undo(self, sub: Submission, request: RoundRequest | None) -> None:
         """A failed round leaves nothing: no result folder, no change in the engine's memory."""

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 
 from crosslm_client.tiny import new_tiny_slm
-from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
+from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles, TransportError
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.certs import make_certs
 from crosslm_shared.errors import BundleError
@@ -334,6 +334,42 @@ def test_abandoned_partial_uploads_expire_files_and_rows(tmp_path, certs):
         s.stop(grace=1)
 
 
+
+def test_only_a_silos_last_rounds_keep_their_files_on_disk(tmp_path, certs):
+    s = serve(tmp_path, certs, keep_rounds_per_silo=2)
+    try:
+        with client(s, certs, "a") as a, client(s, certs, "b") as b:
+            subs = [round_trip(a, *bundle_of(tmp_path, "a", seed=i), f"a-keep-000{i}")[0] for i in range(4)]
+            other, _ = round_trip(b, *bundle_of(tmp_path, "b"), "b-keep-0000")
+            assert [x.stage for x in subs] == ["ready"] * 4
+            data = s.service.data_dir
+            kept = [(data / "results" / x.submission_id).is_dir() for x in subs]
+            assert kept == [False, False, True, True]
+            assert [(data / "bundles" / x.upload_id).is_dir() for x in subs] == [False, False, True, True]
+            assert (data / "results" / other.submission_id).is_dir()  # b's rounds are b's share
+            with pytest.raises(TransportError, match="keep_rounds_per_silo") as e:
+                a.download(subs[0].submission_id, subs[0].result, tmp_path / "old")
+            assert e.value.code == CODE.NOT_FOUND
+            a.download(subs[-1].submission_id, subs[-1].result, tmp_path / "new")
+            assert len(a.list_submissions()) == 4  # the history stays listed
+    finally:
+        s.stop(grace=1)
+
+
+def test_the_peer_bundle_of_a_silo_outlives_its_kept_rounds(tmp_path, certs):
+    s = serve(tmp_path, certs, keep_rounds_per_silo=1, engine_options={"fail_silos": []})
+    try:
+        with client(s, certs, "a") as a:
+            good, _ = round_trip(a, *bundle_of(tmp_path, "a"), "a-peer-0000")
+            s.worker.engine.fail_silos = ("a",)  # the next rounds of a fail: good stays its peer
+            for i in (1, 2):
+                assert round_trip(a, *bundle_of(tmp_path, "a", seed=i), f"a-peer-000{i}")[0].stage == "failed"
+            assert s.store.peers("rt") == {"a": good.submission_id}
+            assert (s.service.data_dir / "bundles" / good.upload_id).is_dir()
+            assert not (s.service.data_dir / "results" / good.submission_id).exists()
+    finally:
+        s.stop(grace=1)
+
 # ---- 4. idle means idle ----------------------------------------------------------------------------
 def _silent(release: threading.Event):
     release.wait(60)
@@ -347,7 +383,8 @@ def _empty_chunks(upload_id, manifest, release: threading.Event):
 
 
 @pytest.mark.parametrize("kind", ["no header", "empty chunks"])
-def test_a_stream_without_progress_is_cut_after_the_idle_timeout(shared_server, certs, tmp_path, kind):
+def test_a_stream_without_progress_is_cut_after_the_idle_timeout(shared_server, certs, tmp_path, kind, caplog):
+    caplog.set_level(logging.INFO)
     _, manifest = bundle_of(tmp_path, "h")
     release = threading.Event()
     stream = _silent(release) if kind == "no header" else _empty_chunks("h-idle-00001", manifest, release)
@@ -356,6 +393,11 @@ def test_a_stream_without_progress_is_cut_after_the_idle_timeout(shared_server, 
     finally:
         release.set()
     assert got == CODE.DEADLINE_EXCEEDED and "idle_timeout_s" in details, details
+    time.sleep(0.5)  # the handler's own end comes just after the caller's
+    ends = [r for r in caplog.records if r.name.startswith("crosslm_server.servicer") or r.name.startswith("grpc")]
+    assert [r.getMessage() for r in ends if r.levelno >= logging.INFO and "receiving" not in r.getMessage()] \
+        == [next(r.getMessage() for r in ends if "no progress" in r.getMessage())]  # one line per cut stream
+    assert not any(r.exc_info for r in caplog.records)
 
 
 # ---- 5. only regular files inside the SLM folder leave a silo --------------------------------------
