@@ -75,8 +75,6 @@ def check_slm(folder: Path, manifest: Manifest) -> Mapping[str, int]:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             folder, use_safetensors=True, output_loading_info=True, device_map=None)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except MemoryError:
-        raise
     except Exception as e:  # noqa: BLE001 - whatever the loader says, the bundle is unusable
         if _out_of_memory(e):
             raise MemoryError(str(e)) from e
@@ -161,7 +159,7 @@ class IsolatedChecker:
 
     def __call__(self, check: Check, folder: Path, manifest: Manifest) -> Mapping[str, int]:
         with self._lock:
-            fresh = self._proc is None or self._checks == 0
+            fresh = self._checks == 0  # no earlier check ran in this child (0 again after every _stop)
             kind, value = self._run(check, folder, manifest)
             if kind in ("memory", "died") and not fresh:
                 self._stop()  # what earlier checks left in the child may be what ran out: once more, fresh

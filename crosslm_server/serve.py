@@ -163,14 +163,7 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     metrics = Metrics()
     store = open_store(config)
     service = CrossLMService(store, Path(s.data_dir), metrics=metrics,
-                             limits=Limits(max_bundle_bytes=s.max_bundle_bytes, chunk_size=s.chunk_size,
-                                           max_queue=s.max_queue, max_queued_per_silo=s.max_queued_per_silo,
-                                           max_pending_uploads_per_silo=s.max_pending_uploads_per_silo,
-                                           max_silo_upload_bytes=s.max_silo_upload_bytes,
-                                           upload_ttl_s=s.upload_ttl_s,
-                                           admission_timeout_s=s.admission_timeout_s,
-                                           admission_memory_bytes=s.admission_memory_bytes,
-                                           keep_rounds_per_silo=s.keep_rounds_per_silo))
+                             limits=Limits.of(s))
     engine_options = dict(config.engine.options)
     if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
         engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,12 @@ class Limits:
     admission_timeout_s: float = 120.0
     admission_memory_bytes: int = 4 * 1024**3
     keep_rounds_per_silo: int = 4
+
+    @classmethod
+    def of(cls, section: Any) -> "Limits":
+        """The limits of a `[server]` section: every field of the same name (the others keep
+        their defaults here, e.g. `upload_lock_timeout_s`)."""
+        return cls(**{f.name: getattr(section, f.name) for f in dataclass_fields(cls) if hasattr(section, f.name)})
 
 
 class CrossLMService:

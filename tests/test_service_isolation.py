@@ -334,7 +334,6 @@ def test_abandoned_partial_uploads_expire_files_and_rows(tmp_path, certs):
         s.stop(grace=1)
 
 
-
 def test_only_a_silos_last_rounds_keep_their_files_on_disk(tmp_path, certs):
     s = serve(tmp_path, certs, keep_rounds_per_silo=2)
     try:
@@ -369,6 +368,7 @@ def test_the_peer_bundle_of_a_silo_outlives_its_kept_rounds(tmp_path, certs):
             assert not (s.service.data_dir / "results" / good.submission_id).exists()
     finally:
         s.stop(grace=1)
+
 
 # ---- 4. idle means idle ----------------------------------------------------------------------------
 def _silent(release: threading.Event):
