@@ -378,7 +378,7 @@ def start_server(root: Path, *, name: str = "server", engine: str = "echo", engi
     config.write_text("\n".join(lines) + "\n")
     log_path = root / "server.log"
     log = log_path.open("w")
-    cmd = [sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(config)]
+    cmd = [sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(config)]
     profiler = None
     if profile is not None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load0 = load_avg()
     setup_torch(args.threads)
-    from crosslm_server.llm import LLMConfig, load_llm
-    from crosslm_server.llm_update import UpdateConfig, update_llm
-    from crosslm_server.prompts import generation_prompt
+    from crosslm_server.method.llm import LLMConfig, load_llm
+    from crosslm_server.method.llm_update import UpdateConfig, update_llm
+    from crosslm_server.method.prompts import generation_prompt
     from crosslm_shared.tasks import load_task
 
     tokens = args.tokens or (16 if args.quick else 32)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/llm_passes.py [--quick] [--texts 256] [--threads 1]
 
 SmolLM2-135M with its LoRA adapter scores each text by the logits of the labels' verbalizer
-tokens after the classification prompt (``crosslm_server.prompts``). Every evaluation of the
+tokens after the classification prompt (``crosslm_server.method.prompts``). Every evaluation of the
 LLM (400 test texts per snapshot in the study) and every filter batch with ``llm_weight`` runs
 this. Naive: texts batched in their given order, the full-vocabulary logits of every position
 (batch x length x 49k floats). The product: batches of texts of similar length, the prompt's
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None):
 
 def naive_label_logits(llm, task, texts: list[str], batch: int) -> torch.Tensor:
     """The way before 2026-12-02: given order, full logits at every position, then the last row's."""
-    from crosslm_server.prompts import classification_prompt, pad_right, verbalizer_ids
+    from crosslm_server.method.prompts import classification_prompt, pad_right, verbalizer_ids
 
     verb = verbalizer_ids(llm.tokenizer, task)
     out = []
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load0 = load_avg()
     setup_torch(args.threads)
-    from crosslm_server.llm import LLMConfig, load_llm
-    from crosslm_server.prompts import batched_label_logits
+    from crosslm_server.method.llm import LLMConfig, load_llm
+    from crosslm_server.method.prompts import batched_label_logits
     from crosslm_shared.data import load_examples, shuffled
     from crosslm_shared.tasks import load_task
 
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"largest logit difference {diff:.2e}; the answers agree on {100 * agree:.1f} % of texts")
     sys.stdout.flush()
 
-    from crosslm_server.llm_update import build_gen_batch, gen_terms
-    from crosslm_server.prompts import generation_prompt
+    from crosslm_server.method.llm_update import build_gen_batch, gen_terms
+    from crosslm_server.method.prompts import generation_prompt
 
     labels = list(shuffled(load_examples(task), 0).labels[:8])
     prompts = [generation_prompt(llm.tokenizer, task, y, i) for i, y in enumerate(labels)]

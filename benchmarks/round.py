@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/round.py [--quick] [--config examples/rt-4silo.toml]
 
-`crosslm_server.round.run_round` (what the server's worker runs) with the `[llm]` and
+`crosslm_server.method.round.run_round` (what the server's worker runs) with the `[llm]` and
 `[round.*]` sections of examples/rt-4silo.toml, read and never changed: SmolLM2-135M with its
 LoRA adapter, 32 samples per label, batch 16, up to 64 new tokens, LoRA batch 8, soft-label
 enhancement for 2 epochs. Four silos' SLMs score (MiniLM-L6, MPNet-4L, MiniLM-L6, MPNet-4L,
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     load0 = load_avg()
     setup_torch(args.threads)
     import torch
-    from crosslm_server.config import load_config
-    from crosslm_server.llm import load_llm
-    from crosslm_server.round import run_round
+    from crosslm_server.method.config import load_config
+    from crosslm_server.method.llm import load_llm
+    from crosslm_server.method.round import run_round
     from crosslm_shared.slm import new_slm
     from crosslm_shared.tasks import load_task
 

@@ -7,7 +7,8 @@ Reports submissions expected / ready / lost / duplicated and the server's RSS ov
 With ``--hostile`` one more silo (``hostile``, a valid certificate) misbehaves for the whole run:
 it holds every stream its quota allows (Watch streams and idle uploads), bursts submissions,
 fills its pending-upload quota with header-only uploads, sends NaN-weight and wrong-label
-bundles and malformed messages, and the server fails every round of its own (tiny engine
+bundles (retried while its stream quota is full, so each reaches the server's checks: the NaN one
+the content check in the bounded admission child) and malformed messages, and the server fails every round of its own (tiny engine
 ``fail_silos``), so its SLM is never admitted as a scorer. The summary then counts the
 well-behaved silos' lost and failed rounds, the hostile silo's refusals by status code, and the
 gRPC health check's latency sampled during the run.
@@ -54,7 +55,7 @@ def start_server(root: Path, certs: Path, *, hostile: bool = False) -> tuple[sub
                       f'operator_token = "{OPERATOR_TOKEN}"\n'
                       f'[store]\nkind = "sqlite"\n[engine]\nname = "tiny"\n{engine}')
     log = (root / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(config),
                              "--grpc-port", "0", "--http-port", "0"], stderr=log, cwd=root)
     proc_log = root / "server.log"
     deadline = time.monotonic() + 120
@@ -94,6 +95,7 @@ class Hostile:
         self.refusals: Counter[str] = Counter()
         self.health_s: list[float] = []
         self.stop = threading.Event()
+        self.bad_bundles: dict[str, Counter] = {"nan": Counter(), "labels": Counter()}
         creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / f"{HOSTILE}.key").read_bytes(),
                                              (certs / f"{HOSTILE}.pem").read_bytes())
         self.channel = grpc.secure_channel(f"localhost:{grpc_port}", creds)
@@ -141,6 +143,27 @@ class Hostile:
             self._note(e)
             return None
 
+    def _send_bad(self, kind: str, upload_id: str, manifest, folder) -> None:
+        """Upload a bad bundle until a stream slot frees up, so it reaches the content check."""
+        for _ in range(20):
+            try:
+                self._call_raw(self.stub.Upload, self._messages(upload_id, manifest, folder))
+                outcome = "OK"
+            except grpc.RpcError as e:
+                outcome = e.code().name
+            self.bad_bundles[kind][outcome] += 1
+            if outcome != "RESOURCE_EXHAUSTED" or self.stop.wait(0.5):
+                return
+
+    def _call_raw(self, fn, *args):
+        try:
+            result = fn(*args)
+        except grpc.RpcError as e:
+            self._note(e)
+            raise
+        self._note(None)
+        return result
+
     def _hold(self, fn, *args) -> threading.Thread:
         t = threading.Thread(target=self._call, args=(fn, *args), daemon=True)
         t.start()
@@ -164,7 +187,7 @@ class Hostile:
             for i in range(6):  # idle uploads and header-only uploads up to the pending quota
                 self._hold(self.stub.Upload, self._messages(f"hostile-idle-{n:04d}-{i}", good[1], good[0], hold=True))
             for bad, (folder, manifest) in (("nan", nan), ("labels", three)):
-                self._call(self.stub.Upload, self._messages(f"hostile-{bad}-{n:04d}", manifest, folder))
+                self._send_bad(bad, f"hostile-{bad}-{n:04d}", manifest, folder)
             raw = self.channel.unary_unary("/crosslm.v1.CrossLM/Submit", request_serializer=None,
                                            response_deserializer=None)
             self._call(raw, b"\xff\xff\xff\xff\x0f")
@@ -246,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     if hostile is not None:
         health = sorted(hostile.health_s)
         summary["hostile"] = {"calls_by_outcome": dict(hostile.refusals),
+                              "bad_bundles_by_outcome": {k: dict(v) for k, v in hostile.bad_bundles.items()},
                               "health_checks": len(health),
                               "health_s": {"median": round(health[len(health) // 2], 4) if health else None,
                                            "max": round(health[-1], 4) if health else None}}
     (root / "soak.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "rss_samples"}, indent=2))
     ok = summary["lost"] == 0 and summary["failed"] == 0 and summary["duplicated"] == 0
+    if hostile is not None:  # every bad bundle that reached the server was refused, and some did reach it
+        ok = ok and all(not c["OK"] and c["INVALID_ARGUMENT"] for c in hostile.bad_bundles.values())
     return 0 if ok and not summary["daemon_failures"] else 1
 
 

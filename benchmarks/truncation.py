@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/truncation.py [--quick] [--per-task 48] [--tasks rotten_tomatoes,sms_spam,trec]
 
 SmolLM2-135M (the server's LLM, adapter untouched) writes ``--per-task`` texts for each task, labels
-and templates in turn, with the round's generation (``crosslm_server.generate``), twice on the
+and templates in turn, with the round's generation (``crosslm_server.method.generate``), twice on the
 same seed: with the baseline settings (``--baseline``, default the cap of 40 new tokens the example
 configs had until 2026-12-07, stopping at the closing mark only) and with the settings of
 ``--config``'s ``[round.generate]``. Per task and setting: the truncation rate (texts that hit the
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_torch(args.threads)
     import torch
 
-    from crosslm_server.config import load_config
-    from crosslm_server.generate import ENDS, generate
-    from crosslm_server.llm import load_llm
+    from crosslm_server.method.config import load_config
+    from crosslm_server.method.generate import ENDS, generate
+    from crosslm_server.method.llm import load_llm
     from crosslm_shared.tasks import load_task
 
     after = load_config(args.config).round.generate

@@ -115,7 +115,7 @@ def _check(args) -> int:
 
 
 def _prepare_demo(args) -> int:
-    from crosslm_client.demo import prepare_demo
+    from crosslm_shared.demo_data import prepare_demo
     from crosslm_shared.data import SplitConfig
 
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +84,7 @@ class CrossLMClient:
                          ("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.keepalive_time_ms", keepalive_s * 1000),
                          ("grpc.keepalive_timeout_ms", 20_000)]
+        self._tls = tls
         self._credentials = tls.credentials() if tls else None
         if tls and tls.server_name:
             self._options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -123,9 +126,10 @@ class CrossLMClient:
         while True:
             try:
                 return attempt()
-            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as e:
+            except (grpc.RpcError, grpc.FutureCancelledError) as e:  # the latter: our idle watchdog cancelled
                 code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.CANCELLED
-                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                detail = e.details() if isinstance(e, grpc.RpcError) else "cancelled: no bytes moved for too long"
+                self._raise_if_identity_refused(what, code, detail, e)
                 if code not in RETRYABLE | also_retry:
                     hint = " (check the silo's identity / certificate)" if code in FATAL_AUTH else ""
                     raise TransportError(f"{what} failed: {code.name}: {detail}{hint}", code) from e
@@ -136,6 +140,18 @@ class CrossLMClient:
                 log.warning("silo %s: %s: %s (%s); retrying in %.1f s", self.silo, what, code.name, detail, delay)
                 time.sleep(delay)
                 self._connect()
+
+    def _raise_if_identity_refused(self, what: str, code: grpc.StatusCode, detail: str | None,
+                                   error: Exception) -> None:
+        """gRPC reports a TLS handshake that fails over identity as UNAVAILABLE, like a server that
+        is down; retrying cannot help then, so one standard-library handshake tells them apart."""
+        if self._tls is None or code != grpc.StatusCode.UNAVAILABLE:
+            return
+        if not any(s in (detail or "").lower() for s in ("handshake", "socket closed", "ssl")):
+            return
+        reason = tls_refusal(self.address, self._tls)
+        if reason:
+            raise TransportError(f"{what} failed: {reason}", grpc.StatusCode.UNAUTHENTICATED) from error
 
     # ---- upload -----------------------------------------------------------------------------
     def query_upload(self, upload_id: str) -> tuple[dict[str, int], bool] | None:
@@ -222,6 +238,7 @@ class CrossLMClient:
                                            metadata=self._metadata):
                     event = convert.event_from_pb(msg)
                     last = event.seq
+                    delays = self.retry.delays()  # progress: the next drop starts a fresh backoff
                     yield event
                     if event.kind in TERMINAL_EVENTS:
                         return
@@ -231,6 +248,7 @@ class CrossLMClient:
                     raise TransportError(f"watch {submission_id}: the server kept ending the stream early")
                 time.sleep(delay)
             except grpc.RpcError as e:
+                self._raise_if_identity_refused(f"watch {submission_id}", e.code(), e.details(), e)
                 delay = next(delays, None)
                 if e.code() not in RETRYABLE or delay is None:
                     raise TransportError(f"watch {submission_id} failed: {e.code().name}: {e.details()}",
@@ -265,6 +283,48 @@ class CrossLMClient:
             finally:
                 part.close()
         return dest
+
+
+def tls_refusal(address: str, tls: TlsFiles, *, timeout_s: float = 5.0) -> str:
+    """Why the server at ``address`` and this silo's TLS files cannot agree, or "" when they can
+    (or the server cannot be reached at all: that is a transient failure, not an identity one).
+
+    A server that refuses the silo's certificate completes the TLS 1.3 handshake and then closes
+    the connection (or sends an alert) instead of its HTTP/2 settings; a server certificate that
+    the silo's CA did not sign fails verification here."""
+    host, _, port = address.removeprefix("dns:///").rpartition(":")
+    host = host.strip("[]") or "localhost"
+    for attempt in range(2):  # a closed connection must repeat: a server shutting down closes one too
+        reason = _tls_probe(host, port, tls, timeout_s)
+        if not reason or reason.startswith("the server's certificate") or attempt:
+            return reason
+        time.sleep(1.0)
+    return ""
+
+
+def _tls_probe(host: str, port: str, tls: TlsFiles, timeout_s: float) -> str:
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=tls.server_name or host) as conn:
+            conn.settimeout(timeout_s)
+            first = conn.recv(1)
+    except ssl.SSLCertVerificationError as e:
+        return (f"the server's certificate is not trusted ({e.verify_message}): is [server] ca the CA "
+                "that signed the server certificate, and the address a name in it?")
+    except ssl.SSLError as e:
+        if "alert" in str(e).lower():
+            return (f"the server refused this silo's certificate ({e.reason}): is it signed by the CA "
+                    "the server trusts?")
+        return ""
+    except (OSError, ValueError):
+        return ""
+    if not first:
+        return ("the server closed the connection after the TLS handshake: it does not accept this silo's "
+                "certificate (signed by another CA, expired, or revoked); ask the server's operator")
+    return ""
 
 
 def _stop_on_refusal(messages: Iterator, refused: list) -> Iterator:

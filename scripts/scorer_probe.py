@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np, torch
 from crosslm_shared.logs import quiet_ml_logging
 quiet_ml_logging()
-from crosslm_server.config import load_config
-from crosslm_server.evaluate import auc
-from crosslm_server.llm import load_llm
-from crosslm_server.simulate import cache_keys
+from crosslm_server.method.config import load_config
+from crosslm_server.method.evaluate import auc
+from crosslm_server.method.llm import load_llm
+from crosslm_server.experiments.simulate import cache_keys
 from crosslm_shared.data import load_examples, split_task
-from crosslm_server.prompts import batched_label_logits
+from crosslm_server.method.prompts import batched_label_logits
 from crosslm_shared.slm import load_slm
 from crosslm_shared.tasks import load_task
 
@@ -58,7 +58,7 @@ for name, s in (("slm", rew), ("llm", p_lab), ("llm_c", pc), *((f"mix w={w}", m)
         print(f"  keep top half by {name} label {lab}: judge on-label {hits[top].mean():.3f} (all {hits[idx].mean():.3f})")
 # what the server can see without a judge: how well each score predicts the label the text was
 # generated for, and the LLM's share that round.filter.llm_weight = "auto" gives it
-from crosslm_server.reward import auto_llm_weight, label_agreement
+from crosslm_server.method.reward import auto_llm_weight, label_agreement
 
 p1 = np.where(labels == 1, (rew + 1) / 2, 1 - (rew + 1) / 2)  # binary: S(1|x) from the reward 2 S(y|x) - 1
 slm_probs = np.stack([1 - p1, p1], 1)

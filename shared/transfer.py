@@ -234,6 +234,7 @@ class IdleWatchdog:
         self._time = time.monotonic
         self.timeout_s, self.on_idle = timeout_s, on_idle
         self.fired = False
+        self._held = False
         self._last = self._time()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
@@ -242,6 +243,12 @@ class IdleWatchdog:
 
     def kick(self) -> None:
         self._last = self._time()
+
+    def hold(self, held: bool) -> None:
+        """While held (our side is working, not waiting on the peer) the watchdog never fires; the
+        idle clock restarts on release."""
+        self._held = held
+        self.kick()
 
     def close(self) -> None:
         self._closed.set()
@@ -254,7 +261,7 @@ class IdleWatchdog:
 
     def _watch(self) -> None:
         while not self._closed.wait(max(0.01, self._last + self.timeout_s - self._time())):
-            if self._time() - self._last >= self.timeout_s:
+            if not self._held and self._time() - self._last >= self.timeout_s:
                 self.fired = True
                 self.on_idle()
                 return

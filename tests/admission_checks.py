@@ -20,3 +20,9 @@ def slow(folder, manifest):
 
 def crash(folder, manifest):
     os._exit(3)
+
+
+def sleepy(folder, manifest):
+    """Passes, after longer than the tests' server idle timeout (1 s)."""
+    time.sleep(2.5)
+    return {"parameters": 1}

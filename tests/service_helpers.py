@@ -13,8 +13,8 @@ from crosslm_shared import convert
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.transfer import crc32c, iter_chunks
-from crosslm_server.server_config import EngineSection, ServerConfig, ServerSection, StoreSection
-from crosslm_server.serve import build_server
+from crosslm_server.service.config import EngineSection, ServerConfig, ServerSection, StoreSection
+from crosslm_server.service.serve import build_server
 
 LABELS = ("neg", "pos")
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from crosslm_server.adapters import AdapterStore
-from crosslm_server.llm import LLMConfig, load_llm
+from crosslm_server.engines.adapters import AdapterStore
+from crosslm_server.method.llm import LLMConfig, load_llm
 from crosslm_shared.errors import NotFoundError
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import admission_checks
-from crosslm_server.admission import IsolatedChecker, check_slm
-from crosslm_server.server_config import ServerSection
+from crosslm_server.engines.admission import IsolatedChecker, check_slm
+from crosslm_server.service.config import ServerSection
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.errors import BundleError, ConfigError
 from service_helpers import LABELS, tiny_bundle

@@ -83,7 +83,7 @@ def test_prepare_demo_writes_one_private_file_per_silo(tmp_path):
 
 def test_prepare_demo_cuts_the_pool_like_simulate(tmp_path, toy_task_path):
     """Same split config and seed: the demo's silos hold exactly simulate's silos' private data."""
-    from crosslm_client.demo import prepare_demo
+    from crosslm_shared.demo_data import prepare_demo
     from crosslm_shared.data import SplitConfig, load_examples as pool, split_task
     from crosslm_shared.tasks import load_task
 
@@ -102,7 +102,7 @@ def test_prepare_demo_cuts_the_pool_like_simulate(tmp_path, toy_task_path):
 def test_example_configs_load():
     from pathlib import Path
 
-    from crosslm_server.server_config import load_server_config
+    from crosslm_server.service.config import load_server_config
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     for name in "abcd":

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from crosslm_client.config import load_silo_config
-from crosslm_server.server_config import load_server_config
+from crosslm_server.service.config import load_server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SILOS = ("silo-a", "silo-b", "silo-c", "silo-d")
@@ -29,8 +29,8 @@ def compose() -> dict:
 
 def _parser(script: str):
     from crosslm_client.cli import _parser as client_parser
-    from crosslm_server.cli import build_parser
-    from crosslm_server.server_cli import _parser as server_parser
+    from crosslm_server.experiments.cli import build_parser
+    from crosslm_server.service.cli import _parser as server_parser
 
     return {"crosslm": build_parser, "crosslm-server": server_parser, "crosslm-client": client_parser}[script]()
 
@@ -229,7 +229,7 @@ def test_the_compose_configs_have_the_examples_shape():
 
 
 def test_the_certs_one_shot_keeps_existing_certificates_on_a_second_up(tmp_path):
-    from crosslm_server.cli import main
+    from crosslm_server.experiments.cli import main
 
     args = ["certs", "--out", str(tmp_path / "certs"), "--server-host", "server", "--silos", "silo-a", "--if-missing"]
     assert main(args) == 0
@@ -241,7 +241,7 @@ def test_the_certs_one_shot_keeps_existing_certificates_on_a_second_up(tmp_path)
 def test_the_data_service_cuts_the_counts_of_the_demo_config(compose):
     """prepare-demo takes no engine config: its counts are spelled out in the compose file and
     must stay those of examples/demo.toml, which the server and the report read."""
-    from crosslm_server.config import load_config
+    from crosslm_server.method.config import load_config
 
     args = _parser("crosslm-client").parse_args(compose["services"]["data"]["command"][1:])
     cfg = load_config(ROOT / "examples" / "demo.toml")
@@ -254,7 +254,7 @@ def test_the_data_service_cuts_the_counts_of_the_demo_config(compose):
 @pytest.mark.parametrize("silo", SILOS)
 def test_each_silo_trains_as_the_demo_config_says(silo):
     """A silo's [train] is the engine config's [round.slm]: what the report calls silo-only."""
-    from crosslm_server.config import load_config
+    from crosslm_server.method.config import load_config
 
     train = load_silo_config(ROOT / "docker" / f"{silo}.toml").train
     slm = load_config(ROOT / "examples" / "demo.toml").round.slm

@@ -1,6 +1,6 @@
 import pytest
 
-from crosslm_server.config import load_config
+from crosslm_server.method.config import load_config
 from crosslm_shared.errors import ConfigError
 
 

@@ -20,9 +20,9 @@ import pytest
 
 from conftest import write_task
 from crosslm_client.config import load_silo_config
-from crosslm_server.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare, run
-from crosslm_server.report import check_schema
-from crosslm_server.server_config import load_server_config
+from crosslm_server.experiments.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare, run
+from crosslm_server.experiments.report import check_schema
+from crosslm_server.service.config import load_server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_demo_runs_four_silos_and_writes_the_report(tmp_path, demo_config):
 
 
 def test_progress_lines_say_which_stage_and_k_of_n():
-    from crosslm_server.demo_progress import describe
+    from crosslm_server.experiments.demo_progress import describe
 
     def server(event, **fields):
         return describe({"phase": "server", "round": 1, "rounds": 2, "event": event, "fields": fields})
@@ -168,7 +168,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.e2e
 def test_ctrl_c_stops_every_child(tmp_path, demo_config):
-    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.cli", "demo", "--config", str(demo_config),
+    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.experiments.cli", "demo", "--config", str(demo_config),
                              "--archs", "tiny", "--out", str(tmp_path / "run"), "--llm-eval-texts", "6",
                              "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -201,7 +201,7 @@ def test_demo_quick_on_the_real_models(tmp_path):
     """`crosslm demo --quick`: four silos, MiniLM and MPNet-4L, the real SmolLM2; ≤ 4 minutes idle."""
     out = tmp_path / "quick"
     # ≤ 4 minutes on 2 idle cores; 25 minutes measured at nice 10 beside two busy jobs: a generous ceiling
-    proc = subprocess.run([sys.executable, "-m", "crosslm_server.cli", "demo", "--quick", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "crosslm_server.experiments.cli", "demo", "--quick", "--out", str(out),
                            "--timeout", "3300"], capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -224,7 +224,7 @@ def test_a_server_whose_llm_cannot_load_fails_the_demo_with_the_reason(tmp_path,
 @pytest.mark.parametrize("demo", ["demo.toml", "demo-quick.toml"])
 def test_the_demos_differ_from_the_study_settings_only_in_counts(demo):
     """examples/demo.toml and demo-quick.toml are examples/rt-4silo.toml with smaller counts, nothing else."""
-    from crosslm_server.config import as_dict, load_config
+    from crosslm_server.method.config import as_dict, load_config
 
     counts = {("split", "n_private"), ("split", "n_test"), ("split", "n_llm_test"), ("split", "n_judge"),
               ("round.generate", "per_label"), ("round.generate", "batch_size"), ("round.generate", "max_new_tokens"),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from crosslm_server.engine_api import RoundOutcome, RoundRequest, create_engine
+from crosslm_server.engines.api import RoundOutcome, RoundRequest, create_engine
 from crosslm_shared.slm import load_slm, new_slm
 from crosslm_shared.tasks import load_task
 
@@ -67,7 +67,7 @@ def test_unknown_task_and_mismatched_labels_are_refused(tmp_path, engine_setup, 
 
 def test_interrupted_round_resumes_after_generation(tmp_path, engine_setup, monkeypatch):
     """A crash after sampling: the rerun replays the checkpointed samples instead of sampling again."""
-    import crosslm_server.round as round_mod
+    import crosslm_server.method.round as round_mod
 
     engine, task, slm_dir = engine_setup
     request = _request(tmp_path, slm_dir, sid="sub-9")
@@ -89,7 +89,7 @@ def test_interrupted_round_resumes_after_generation(tmp_path, engine_setup, monk
 
 
 def test_adapters_cli_lists_and_rolls_back_and_the_engine_follows(tmp_path, engine_setup, capsys):
-    from crosslm_server.server_cli import main as server_main
+    from crosslm_server.service.cli import main as server_main
 
     engine, task, slm_dir = engine_setup
     for sid in ("sub-a", "sub-b"):
@@ -149,8 +149,8 @@ def test_the_generation_loss_rewards_what_the_update_config_names(tmp_path, tiny
     not from the SLMs' reward; "slms" (the default) keeps the seed's reward."""
     import numpy as np
 
-    import crosslm_server.round as round_mod
-    from crosslm_server.reward import reward, standardise_per_label
+    import crosslm_server.method.round as round_mod
+    from crosslm_server.method.reward import reward, standardise_per_label
 
     seen = {}
     real_update, real_judged = round_mod.update_llm, round_mod.judged_proba
@@ -184,7 +184,7 @@ def test_a_failed_or_rewardless_round_leaves_the_llm_as_it_was(tmp_path, engine_
     import numpy as np
     import torch
 
-    import crosslm_server.round as round_mod
+    import crosslm_server.method.round as round_mod
 
     engine, task, slm_dir = engine_setup
     before = engine.llm.adapter_state()
@@ -206,8 +206,50 @@ def test_a_failed_or_rewardless_round_leaves_the_llm_as_it_was(tmp_path, engine_
 
 
 def test_an_unknown_reward_source_is_refused():
-    from crosslm_server.llm_update import UpdateConfig
+    from crosslm_server.method.llm_update import UpdateConfig
     from crosslm_shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="round.update.reward"):
         UpdateConfig(reward="judge")
+
+
+def _example_updates() -> list:
+    """The distinct `[round.update]` sections of the shipped example configs."""
+    from pathlib import Path
+
+    from crosslm_server.method.config import as_dict, load_config
+
+    seen: dict[str, dict] = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml")):
+        try:
+            update = as_dict(load_config(path).round.update)
+        except Exception:  # noqa: BLE001 - not a simulate config (server, silo, study files)
+            continue
+        seen.setdefault(repr(sorted(update.items())), update | {"_from": path.name})
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("update", _example_updates(), ids=lambda u: u["_from"])
+def test_a_rerun_after_the_adapter_save_leaves_the_adapter_weights_unchanged(tmp_path, tiny_sim_config,
+                                                                            tiny_slm_dir, toy_task_path, update):
+    import json
+
+    import torch
+
+    task = load_task(toy_task_path)
+    slm_dir = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "submitted")
+    keep = {"batch_size", "epochs", "max_length"}  # the tiny config's sizes keep the test fast
+    overrides = [f"round.update.{k}={json.dumps(v)}" for k, v in update.items()
+                 if k != "_from" and k not in keep and not isinstance(v, (list, tuple, dict))]
+    engine = create_engine("crosslm", {"config": str(tiny_sim_config), "tasks": [str(toy_task_path)],
+                                       "adapters_dir": str(tmp_path / "adapters"), "background": False,
+                                       "set": overrides})
+    first = committed(engine, _request(tmp_path, slm_dir))
+    assert first.metrics["adapter_version"] == 1
+    saved = {k: v.clone() for k, v in engine.llm.adapter_state().items()}
+    rerun = RoundRequest("sub-1", "a", "toy", slm_dir, {"a": slm_dir}, tmp_path / "work-rerun")
+    again = committed(engine, rerun)
+    assert again.metrics["llm_steps"] == 0
+    after = engine.llm.adapter_state()
+    assert saved.keys() == after.keys()
+    assert all(torch.equal(saved[k], after[k]) for k in saved), "a rerun took optimizer steps on the LLM"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from crosslm_server.enhance import EnhanceConfig, targets
+from crosslm_server.method.enhance import EnhanceConfig, targets
 from crosslm_shared.errors import ConfigError
 
 PROBS = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])

@@ -1,6 +1,6 @@
 import numpy as np
 
-from crosslm_server.filter import FilterConfig, dedup, distinct_n, select
+from crosslm_server.method.filter import FilterConfig, dedup, distinct_n, select
 
 
 def _probs(p_label0):

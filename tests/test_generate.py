@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import crosslm_server.generate as G
-from crosslm_server.config import load_config
-from crosslm_server.generate import (EndOfExample, Generation, GenerateConfig, Sample, ends_sentence, finish, generate,
+import crosslm_server.method.generate as G
+from crosslm_server.method.config import load_config
+from crosslm_server.method.generate import (EndOfExample, Generation, GenerateConfig, Sample, ends_sentence, finish, generate,
                                      limits, repair)
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.tasks import load_task

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from crosslm_server.llm import LLMConfig, load_llm
-from crosslm_server.llm_update import (UpdateConfig, build_gen_batch, class_weights, gen_terms, task_term,
+from crosslm_server.method.llm import LLMConfig, load_llm
+from crosslm_server.method.llm_update import (UpdateConfig, build_gen_batch, class_weights, gen_terms, task_term,
                                        update_llm)
-from crosslm_server.prompts import generation_prompt, label_logits, verbalizer_ids
+from crosslm_server.method.prompts import generation_prompt, label_logits, verbalizer_ids
 from crosslm_shared.tasks import load_task
 
 
@@ -114,7 +114,7 @@ def test_centred_task_loss_is_blind_to_a_label_bias_and_the_plain_one_is_not(llm
     """A constant added to one label's logit on every text (answering that label more often)
     changes the plain task loss but not the centred one: the centred loss can only be lowered
     by telling the labels apart."""
-    import crosslm_server.llm_update as lu
+    import crosslm_server.method.llm_update as lu
 
     verb = verbalizer_ids(llm.tokenizer, task)
     texts, labels = ["good film", "bad film", "fine plot", "dull plot"], [1, 0, 1, 0]
@@ -156,7 +156,7 @@ def test_both_task_losses_separate_the_labels(llm, task, centering):
 
 
 def test_prior_shift_sees_a_label_prior_move_and_nothing_else(llm, task):
-    from crosslm_server.llm_update import prior_shift
+    from crosslm_server.method.llm_update import prior_shift
 
     verb = verbalizer_ids(llm.tokenizer, task)
     texts = ["good film", "bad film", "fine plot", "dull plot"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from crosslm_server.pool import SyntheticPool
+from crosslm_server.method.pool import SyntheticPool
 from crosslm_shared.bundle import (SYNTHETIC_FILE, make_manifest, read_synthetic, validate_manifest,
                                    write_synthetic)
 from crosslm_shared.errors import BundleError

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosslm_server.llm import LLMConfig, load_llm
-from crosslm_server.prompts import (shared_prefix, batched_label_logits, classification_prompt, label_logits,
+from crosslm_server.method.llm import LLMConfig, load_llm
+from crosslm_server.method.prompts import (shared_prefix, batched_label_logits, classification_prompt, label_logits,
                                     pad_right, verbalizer_ids)
 from crosslm_shared.tasks import load_task
 
@@ -75,7 +75,7 @@ def test_batched_label_logits_keep_the_texts_order(llm, toy_task_path):
 def test_gen_terms_match_a_plain_forward_values_and_gradients(llm, toy_task_path):
     """L_gen and the KL through the shared-prefix cache and the kept positions equal the plain
     full-logits computation (the way before 2026-12-02), gradients included."""
-    from crosslm_server.llm_update import build_gen_batch, gen_terms
+    from crosslm_server.method.llm_update import build_gen_batch, gen_terms
 
     task = load_task(toy_task_path)
     model = llm.model

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from crosslm_server.reward import reward, standardise_per_label
+from crosslm_server.method.reward import reward, standardise_per_label
 
 
 def test_reward_is_two_s_minus_one():
@@ -35,8 +35,8 @@ def test_single_sample_or_flat_label_carries_no_preference():
 def test_llm_scores_are_centred_and_mixed_at_the_filter_weight(tiny_llm_dir, toy_task_path):
     import torch
 
-    from crosslm_server.llm import LLMConfig, load_llm
-    from crosslm_server.reward import Scores, judged_proba, llm_label_proba
+    from crosslm_server.method.llm import LLMConfig, load_llm
+    from crosslm_server.method.reward import Scores, judged_proba, llm_label_proba
     from crosslm_shared.tasks import load_task
 
     task = load_task(str(toy_task_path))
@@ -45,7 +45,7 @@ def test_llm_scores_are_centred_and_mixed_at_the_filter_weight(tiny_llm_dir, toy
     p = llm_label_proba(llm, task, texts)
     assert p.shape == (5, task.num_labels) and np.allclose(p.sum(1), 1.0, atol=1e-5)
     # centring: raising one label word's output bias (the LLM's prior) leaves the scores as they were
-    from crosslm_server.prompts import label_logits, verbalizer_ids
+    from crosslm_server.method.prompts import label_logits, verbalizer_ids
 
     def raw():
         with torch.no_grad():
@@ -69,14 +69,14 @@ def test_llm_scores_are_centred_and_mixed_at_the_filter_weight(tiny_llm_dir, toy
     # "auto": uniform SLMs know nothing of the labels, so the LLM gets all of the weight if it
     # tells the intended labels apart at all, and none if it does not
     judged, w = judged_proba(scores, llm, task, texts, labels, "auto")
-    from crosslm_server.reward import label_agreement
+    from crosslm_server.method.reward import label_agreement
 
     assert w == (1.0 if label_agreement(p, labels) > 0.5 else 0.0)
     assert np.allclose(judged, (1 - w) * slm + w * p, atol=1e-4)
 
 
 def test_auto_llm_weight_follows_which_scorer_predicts_the_intended_labels():
-    from crosslm_server.reward import auto_llm_weight, label_agreement
+    from crosslm_server.method.reward import auto_llm_weight, label_agreement
 
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     perfect = np.eye(2)[labels] * 0.8 + 0.1
@@ -95,7 +95,7 @@ def test_auto_llm_weight_follows_which_scorer_predicts_the_intended_labels():
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, "half", True])
 def test_llm_weight_rejects_what_is_neither_a_weight_nor_auto(bad):
-    from crosslm_server.filter import FilterConfig
+    from crosslm_server.method.filter import FilterConfig
     from crosslm_shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="llm_weight"):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from crosslm_server.round import usable_scorers
+from crosslm_server.method.round import usable_scorers
 from crosslm_shared.errors import DataError
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_task
 from crosslm_client.transport import CrossLMClient
-from crosslm_server.engine_api import create_engine
+from crosslm_server.engines.api import create_engine
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.slm import load_slm, new_slm
 from crosslm_shared.tasks import load_task

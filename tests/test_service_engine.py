@@ -4,15 +4,15 @@ import time
 
 import pytest
 
-from crosslm_server import engine_api
-from crosslm_server.engine_api import Engine, create_engine
-from crosslm_server.engine_tiny import TinyEngine
+from crosslm_server.engines import api as engine_api
+from crosslm_server.engines.api import Engine, create_engine
+from crosslm_server.engines.tiny import TinyEngine
 from crosslm_shared.errors import ConfigError
 from service_helpers import http_get, server_config, start_server
 
 
 def test_registry_names_tiny_echo_and_the_real_engine():
-    assert engine_api.ENGINES["crosslm"] == "crosslm_server.engine:CrossLMEngine"
+    assert engine_api.ENGINES["crosslm"] == "crosslm_server.engines.crosslm:CrossLMEngine"
     engine = create_engine("tiny", {"steps": 1})
     assert isinstance(engine, TinyEngine) and isinstance(engine, Engine) and engine.ready()
     assert create_engine("echo").ready()

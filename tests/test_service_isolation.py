@@ -220,7 +220,7 @@ class _Recording:
         return True
 
     def run_round(self, request, emit):
-        from crosslm_server.engine_api import RoundOutcome
+        from crosslm_server.engines.api import RoundOutcome
 
         out = Path(request.work_dir) / "out"
         shutil.copytree(request.slm_dir, out, dirs_exist_ok=True)
@@ -394,10 +394,23 @@ def test_a_stream_without_progress_is_cut_after_the_idle_timeout(shared_server, 
         release.set()
     assert got == CODE.DEADLINE_EXCEEDED and "idle_timeout_s" in details, details
     time.sleep(0.5)  # the handler's own end comes just after the caller's
-    ends = [r for r in caplog.records if r.name.startswith("crosslm_server.servicer") or r.name.startswith("grpc")]
+    ends = [r for r in caplog.records if r.name.startswith("crosslm_server.service.servicer") or r.name.startswith("grpc")]
     assert [r.getMessage() for r in ends if r.levelno >= logging.INFO and "receiving" not in r.getMessage()] \
         == [next(r.getMessage() for r in ends if "no progress" in r.getMessage())]  # one line per cut stream
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_the_idle_clock_stops_while_the_server_checks_what_was_sent(tmp_path, certs):
+    import admission_checks
+
+    s = serve(tmp_path, certs, idle_timeout_s=1.0)
+    try:
+        s.service.content_check = admission_checks.sleepy  # 2.5 s in the checker child: the server's turn
+        folder, manifest = bundle_of(tmp_path, "h")
+        status = stub(s, certs, "h").Upload(messages("h-slowcheck-01", manifest, folder), timeout=60)
+        assert status.complete
+    finally:
+        s.stop(grace=1)
 
 
 # ---- 5. only regular files inside the SLM folder leave a silo --------------------------------------

@@ -164,7 +164,7 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
     # (the same `crosslm certs` code) and passed with the flags that override the file's paths.
     certs = make_certs(tmp_path / "certs", server_hosts=[], silos=["silo-a"])
     example = Path(__file__).resolve().parent.parent / "examples" / "server.toml"
-    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(example),
+    proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(example),
                              "--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data"),
                              "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
                              "--tls-ca", str(certs.ca)],
@@ -206,7 +206,7 @@ def test_example_server_config_serves_everything_and_stops_on_sigterm(tmp_path):
 def test_serving_without_certificates_exits_2_and_says_how_to_make_them(tmp_path):
     cfg = tmp_path / "server.toml"
     cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
-    r = subprocess.run([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "tls_cert" in r.stderr and "crosslm certs" in r.stderr
     assert "plaintext_dev_mode = true" in r.stderr
@@ -215,7 +215,7 @@ def test_serving_without_certificates_exits_2_and_says_how_to_make_them(tmp_path
 def test_bad_config_exits_2_with_the_field_named(tmp_path):
     cfg = tmp_path / "server.toml"
     cfg.write_text('[server]\nchunk_size = 5\n')
-    r = subprocess.run([sys.executable, "-m", "crosslm_server.server_cli", "serve", "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "chunk_size=5" in r.stderr
 

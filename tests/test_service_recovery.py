@@ -52,7 +52,7 @@ class ServerProcess:
         self.starts += 1
         log = self.root / f"server-{self.starts}.log"
         with log.open("w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.server_cli", "serve",
+            self.proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.service.cli", "serve",
                                           "--config", str(self.config)], stderr=f, cwd=self.root)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -207,7 +207,7 @@ def test_server_killed_mid_round_never_applies_a_round_twice_to_the_llm_adapter(
                                                                                    toy_task_path, tiny_slm_dir):
     """The real engine (tiny models): whenever the kill lands, one adapter version per submission."""
     from conftest import write_task
-    from crosslm_server.adapters import AdapterStore
+    from crosslm_server.engines.adapters import AdapterStore
     from crosslm_shared.slm import new_slm
     from crosslm_shared.tasks import load_task
 

@@ -1,12 +1,13 @@
 """mTLS over real localhost gRPC: `crosslm certs`, who gets in, and whose submissions they see."""
 import stat
+import time
 
 import grpc
 import pytest
 from cryptography import x509
 
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles, TransportError
-from crosslm_server.cli import main as crosslm_main
+from crosslm_server.experiments.cli import main as crosslm_main
 from crosslm_shared.bundle import sha256_file
 from crosslm_shared.certs import common_name, make_certs
 from crosslm_shared.errors import ConfigError
@@ -113,7 +114,10 @@ def test_a_connection_without_a_client_certificate_is_refused(server, certs):
     assert list_with(grpc.secure_channel(target(server), creds)).code() == grpc.StatusCode.UNAVAILABLE
     plain = grpc.insecure_channel(target(server))
     assert list_with(plain).code() == grpc.StatusCode.UNAVAILABLE  # and no plaintext at all
-    assert server.readiness()[0]
+    deadline = time.monotonic() + 30  # the refusals left it serving (its engine may still be loading)
+    while not server.readiness()[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.readiness() == (True, "ready")
 
 
 def test_a_certificate_from_another_ca_is_refused(server, certs):
@@ -122,7 +126,7 @@ def test_a_certificate_from_another_ca_is_refused(server, certs):
     creds = grpc.ssl_channel_credentials(ours.ca.read_bytes(), key.read_bytes(), cert.read_bytes())
     assert list_with(grpc.secure_channel(target(server), creds)).code() == grpc.StatusCode.UNAVAILABLE
     with CrossLMClient(target(server), "a", tls=tls(theirs, "a"), retry=ONCE) as client:
-        with pytest.raises(TransportError, match="UNAVAILABLE"):  # nor does the client trust their server CA
+        with pytest.raises(TransportError, match="certificate is not trusted"):  # nor does the client trust their CA
             client.list_submissions()
 
 
@@ -196,3 +200,47 @@ def test_the_daemon_without_its_key_file_exits_2_naming_it(server, certs, tmp_pa
                                            f'key = "{tmp_path / "gone.key"}"\n'))
     assert main(["run", "--config", str(cfg)]) == 2
     assert "[server] key file" in caplog.text and "gone.key" in caplog.text
+
+
+def test_a_certificate_from_another_ca_gives_up_at_once_as_identity_refused_with_the_default_retry(server, certs):
+    ours, theirs = certs
+    cert, key = theirs.silos["a"]
+    started = time.monotonic()
+    # the server refuses the silo's certificate (the silo trusts the server: ours.ca)
+    with CrossLMClient(target(server), "a", tls=TlsFiles(ca=ours.ca, cert=cert, key=key)) as client:
+        with pytest.raises(TransportError, match="does not accept this silo's certificate") as e:
+            client.list_submissions()
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    # the silo does not trust the server (theirs.ca did not sign the server certificate)
+    with CrossLMClient(target(server), "a", tls=tls(theirs, "a")) as client:
+        with pytest.raises(TransportError, match="server's certificate is not trusted") as e:
+            list(client.watch("sub-anything"))
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - started < 20  # the default policy retries UNAVAILABLE for about a minute
+
+
+def test_a_server_that_is_down_is_still_retried_as_unreachable(certs):
+    import socket
+
+    ours, _ = certs
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = RetryPolicy(initial_s=0.01, max_s=0.02, max_attempts=3)
+    with CrossLMClient(f"localhost:{port}", "a", tls=tls(ours, "a"), retry=policy) as client:
+        with pytest.raises(TransportError, match="after 3 attempts") as e:
+            client.list_submissions()
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_daemon_with_a_certificate_from_another_ca_exits_with_the_identity_code(server, certs, tmp_path):
+    from test_client_daemon import write_silo
+
+    from crosslm_client.cli import main
+
+    ours, theirs = certs
+    cert, key = theirs.silos["a"]
+    cfg = write_silo(tmp_path, server, "a")
+    cfg.write_text(cfg.read_text().replace("plaintext_dev_mode = true\n", f'ca = "{ours.ca}"\ncert = "{cert}"\n'
+                                           f'key = "{key}"\nserver_name = "localhost"\n'))
+    assert main(["run", "--config", str(cfg)]) == 3

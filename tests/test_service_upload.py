@@ -266,6 +266,6 @@ class _Echo:
         return True
 
     def run_round(self, request, emit):
-        from crosslm_server.engine_api import RoundOutcome
+        from crosslm_server.engines.api import RoundOutcome
 
         return RoundOutcome(request.slm_dir, {})

@@ -2,8 +2,8 @@
 
 import json
 
-from crosslm_server.cli import main
-from crosslm_server.report import check_schema
+from crosslm_server.experiments.cli import main
+from crosslm_server.experiments.report import check_schema
 
 
 def test_simulate_tiny_writes_complete_report(tmp_path, tiny_sim_config):
@@ -52,3 +52,16 @@ def test_a_cached_llm_measurement_without_balanced_accuracy_gets_it(tmp_path, ti
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["llm"]["balanced_acc_before"] == before["balanced_acc"]
     assert json.loads(cached.read_text()) == before  # completed in the cache, not measured again next run
+
+
+def test_a_config_without_a_judge_pool_runs_and_reports_the_judge_figures_as_nan(tmp_path, tiny_sim_config):
+    """examples/demo.toml has `n_judge = 0` (the demo needs no judge); simulate must still run it."""
+    import math
+
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(tiny_sim_config), "--out", str(out), "--rounds", "1",
+                 "--set", "split.n_judge=0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert check_schema(report) == []
+    assert all(math.isnan(s["judge_on_label"]) for s in report["rounds"][0]["silos"].values())
+    assert math.isnan(report["llm"]["on_label_before"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crosslm_server.report import check_schema
+from crosslm_server.experiments.report import check_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.e2e
 def test_smoke_config_runs_on_real_models(tmp_path):
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, "-m", "crosslm_server.cli", "simulate", "--config",
+    proc = subprocess.run([sys.executable, "-m", "crosslm_server.experiments.cli", "simulate", "--config",
                            str(ROOT / "examples" / "smoke.toml"), "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

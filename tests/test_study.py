@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crosslm_server.cli import main
-from crosslm_server.config import load_config
-from crosslm_server.stats import mean_std, paired_bootstrap
-from crosslm_server.study import ABLATIONS, run_study
+from crosslm_server.experiments.cli import main
+from crosslm_server.method.config import load_config
+from crosslm_server.experiments.stats import mean_std, paired_bootstrap
+from crosslm_server.experiments.study import ABLATIONS, run_study
 from crosslm_shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_study_runs_arms_resumes_and_writes_outputs(tmp_path, tiny_sim_config):
 
 
 def test_auc_and_label_quality_measure_what_they_say():
-    from crosslm_server.evaluate import auc
+    from crosslm_server.method.evaluate import auc
 
     hits = np.array([True, True, False, False])
     assert auc(np.array([0.9, 0.8, 0.1, 0.2]), hits) == 1.0
@@ -95,7 +95,7 @@ def test_auc_and_label_quality_measure_what_they_say():
 
 
 def test_balanced_accuracy_does_not_reward_a_constant_answer():
-    from crosslm_server.evaluate import balanced_accuracy
+    from crosslm_server.method.evaluate import balanced_accuracy
 
     labels = [0] * 9 + [1]
     assert balanced_accuracy([0] * 10, labels) == 0.5  # raw accuracy 0.9
@@ -211,7 +211,7 @@ def test_a_final_sync_without_the_pool_is_refused(tiny_sim_config):
 def test_a_run_is_the_same_whether_its_baselines_came_from_the_cache(tmp_path, tiny_sim_config):
     """The rounds must not depend on the cache's state: computing the baselines draws from
     torch's generator, reading them does not."""
-    from crosslm_server.simulate import simulate
+    from crosslm_server.experiments.simulate import simulate
 
     cfg = load_config(str(tiny_sim_config), ["rounds=1"])
     cold = simulate(cfg, tmp_path / "cold", cache_dir=tmp_path / "cache")
@@ -233,7 +233,7 @@ def test_a_run_another_study_process_holds_is_left_to_it(tmp_path, tiny_sim_conf
         held.write("pid 4242 on elsewhere")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with caplog.at_level("INFO", logger="crosslm_server.study"):
+        with caplog.at_level("INFO", logger="crosslm_server.experiments.study"):
             assert main(args) == 0
     assert (out / "runs" / "crosslm" / "seed-0" / "report.json").exists()
     assert not (out / "runs" / "no_kl" / "seed-0" / "report.json").exists()

@@ -57,7 +57,7 @@ def test_malformed_bytes_raise_like_protobuf(raw):
 
 
 def test_the_server_registers_every_method_of_the_service():
-    from crosslm_server.servicer import CrossLMServicer, add_to_server
+    from crosslm_server.service.servicer import CrossLMServicer, add_to_server
 
     class Recorder:  # stands in for grpc.Server: what add_to_server registers
         def add_generic_rpc_handlers(self, handlers):

@@ -1,0 +1,84 @@
+"""The contract between the worker and the ML engine that runs one CrossLM round.
+
+The worker knows nothing of LLMs; the engine knows nothing of gRPC, the store or HTTP.
+Engines are chosen by name in the server config (`[engine] name = ...`); the registry maps
+each name to "module:Class", imported lazily so a server running the tiny test engine never
+imports the LLM stack. Options from `[engine.options]` are passed as keyword arguments.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from crosslm_shared.errors import ConfigError, CrossLMError
+
+Emit = Callable[[str, Mapping[str, Any]], None]
+
+
+class RoundError(CrossLMError):
+    """A round cannot go on; the message is written for the silo (no server paths)."""
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    submission_id: str
+    silo: str
+    task: str                           # task name, e.g. "rotten_tomatoes"
+    slm_dir: Path                       # the submitted SLM: a validated save_pretrained folder (+ crosslm.json)
+    peer_slm_dirs: Mapping[str, Path]   # latest accepted SLM folder of every silo on this task (incl. the submitter)
+    work_dir: Path                      # scratch/output folder for this round; kept across a rerun
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    slm_dir: Path                       # enhanced SLM folder (same file layout) to bundle and send back
+    metrics: Mapping[str, float | int | str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def ready(self) -> bool:
+        """True once models are loaded and a round can run."""
+
+    def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
+        """Run one enhancement round; report progress with emit(kind, fields).
+
+        kinds: generating (k, n), scoring, training_llm (step, loss), training_slm, or any
+        other; fields `tokens_per_s` and `kept` feed the server's metrics. Raise to fail the
+        round: a CrossLMError's message is the reason the silo sees (paths cut to their last
+        part), any other error is named by its type only.
+        """
+
+    # Optional (the worker uses them when an engine has them):
+    #   task_labels(task) -> tuple[str, ...] | None   the served task's labels; None: not served
+    #   check_slm(folder, manifest) -> Mapping         peer admission: raise BundleError unless the
+    #                                                  uploaded SLM is usable (crosslm_server.engines.admission);
+    #                                                  a module-level function (a staticmethod): the
+    #                                                  service runs it in a separate, bounded process
+    #   commit(request, outcome) -> Mapping            publish what the round changed (the LLM
+    #                                                  adapter), called only once the round succeeded;
+    #                                                  returns metrics to add
+    #   discard(request) -> None                       the round failed after run_round began: undo
+    #                                                  any change it made in memory
+
+
+ENGINES: dict[str, str] = {
+    "tiny": "crosslm_server.engines.tiny:TinyEngine",
+    "echo": "crosslm_server.engines.echo:EchoEngine",
+    "crosslm": "crosslm_server.engines.crosslm:CrossLMEngine",
+}
+
+
+def create_engine(name: str, options: Mapping[str, Any] | None = None) -> Engine:
+    """Import and construct the engine registered under `name` (may take minutes for an LLM)."""
+    if name not in ENGINES:
+        raise ConfigError(f"engine.name={name!r} is unknown; choose one of {sorted(ENGINES)}")
+    module_name, _, cls_name = ENGINES[name].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"engine {name!r} ({ENGINES[name]}) cannot be imported: {e}") from e
+    return cls(**dict(options or {}))

@@ -1,0 +1,192 @@
+"""Server configuration: one dataclass per TOML section, checked in __post_init__.
+
+Relative paths in a config file are resolved against the file's folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from crosslm_shared.tomlconfig import read_toml
+from crosslm_shared.errors import ConfigError
+from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from crosslm_server.engines.api import ENGINES
+
+MiB = 1024 * 1024
+StoreKind = Literal["sqlite", "memory"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _bad(section: str, name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"[{section}] {name}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    grpc_host: str = "0.0.0.0"          # interface the gRPC server binds
+    grpc_port: int = 50051              # gRPC port (0 = any free port)
+    http_host: str = "127.0.0.1"        # interface of /healthz /readyz /metrics /v1/submissions (plain HTTP: keep it private)
+    http_port: int = 8080               # HTTP port (0 = any free port)
+    data_dir: Path = Path("crosslm-data")  # uploads, bundles, results, work folders and the SQLite file
+    plaintext_dev_mode: bool = False    # true: no TLS, silo named by the x-crosslm-silo header. Demo only
+    tls_cert: Path | None = None        # server certificate (PEM), e.g. runs/certs/server.pem from `crosslm certs`
+    tls_key: Path | None = None         # its private key (PEM, keep it 0600)
+    tls_ca: Path | None = None          # CA that signed the silos' client certificates (ca.pem)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
+    max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
+    max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
+    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait (a silo with none waiting still gets in)
+    max_queued_per_silo: int = 2        # rounds one silo may have waiting at once (fair share of the queue)
+    max_pending_uploads_per_silo: int = 4  # uploads one silo may hold unsubmitted (partial or complete)
+    max_silo_upload_bytes: int = 4096 * MiB  # bytes those pending uploads of one silo may reserve on disk
+    upload_ttl_s: float = 86400.0       # an unsubmitted upload whose files did not change this long is deleted
+    admission_timeout_s: float = 120.0  # the content check of one uploaded SLM (its own process) may take this long
+    admission_memory_bytes: int = 4096 * MiB  # ... and this much memory beyond its process's idle size
+    keep_rounds_per_silo: int = 4       # files (bundle, result, work folder) of each silo's last N ended rounds
+    grpc_workers: int = 64              # gRPC handler threads; each open stream (a Watch too) holds one
+    reserved_workers: int = 8           # handler threads streams may never take: unary calls and health checks
+    max_streams_per_silo: int = 8       # Upload + Watch + Download streams one silo may hold open at once
+    operator_token: str = ""            # bearer token for HTTP /v1/submissions ("" and no file = that view is off)
+    operator_token_file: Path | None = None  # or a file holding that token (keep it 0600), e.g. from `openssl rand -hex 24`
+    grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
+    keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
+    idle_timeout_s: float = 120.0       # an upload stream with no header or no bytes for this long is cut (0 = never)
+    max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
+    worker_nice: int = 10               # niceness added to the round's threads (Linux): requests get the CPU first (0..19)
+    log_level: LogLevel = "INFO"        # logging level of the server process
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise _bad("server", name, getattr(self, name), "0..65535")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise _bad("server", "chunk_size", self.chunk_size, f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        if not MAX_CHUNK_SIZE + 64 * 1024 <= self.max_message_bytes <= 64 * MiB:
+            raise _bad("server", "max_message_bytes", self.max_message_bytes,
+                       f"{MAX_CHUNK_SIZE + 64 * 1024}..{64 * MiB} (a 4 MiB chunk plus framing, at most 64 MiB)")
+        if self.max_bundle_bytes <= 0:
+            raise _bad("server", "max_bundle_bytes", self.max_bundle_bytes, "> 0")
+        if self.idle_timeout_s < 0:
+            raise _bad("server", "idle_timeout_s", self.idle_timeout_s, ">= 0 (0 = never)")
+        if self.max_queue < 1:
+            raise _bad("server", "max_queue", self.max_queue, ">= 1")
+        for name in ("max_uploads_per_silo", "max_queued_per_silo", "max_pending_uploads_per_silo",
+                     "max_streams_per_silo", "max_silo_upload_bytes", "keep_rounds_per_silo"):
+            if getattr(self, name) < 1:
+                raise _bad("server", name, getattr(self, name), ">= 1")
+        if self.max_uploads_per_silo > self.max_streams_per_silo:
+            raise _bad("server", "max_uploads_per_silo", self.max_uploads_per_silo,
+                       f"<= max_streams_per_silo ({self.max_streams_per_silo})")
+        if not self.upload_ttl_s > 0:
+            raise _bad("server", "upload_ttl_s", self.upload_ttl_s, "> 0 seconds")
+        if not self.admission_timeout_s > 0:
+            raise _bad("server", "admission_timeout_s", self.admission_timeout_s, "> 0 seconds")
+        if self.admission_memory_bytes < 256 * MiB:
+            raise _bad("server", "admission_memory_bytes", self.admission_memory_bytes, ">= 256 MiB")
+        if self.operator_token and len(self.operator_token) < 16:
+            raise _bad("server", "operator_token", "<hidden>", "empty (view off) or at least 16 characters")
+        if not 0 <= self.worker_nice <= 19:
+            raise _bad("server", "worker_nice", self.worker_nice, "0..19 (0 = the same priority as requests)")
+        if self.grpc_workers < 2:
+            raise _bad("server", "grpc_workers", self.grpc_workers, ">= 2")
+        if not 1 <= self.reserved_workers < self.grpc_workers:
+            raise _bad("server", "reserved_workers", self.reserved_workers, f"1..{self.grpc_workers - 1} (< grpc_workers)")
+        if self.log_level not in get_args(LogLevel):
+            raise _bad("server", "log_level", self.log_level, str(get_args(LogLevel)))
+
+    def operator_credential(self) -> str:
+        """The operator's bearer token: `operator_token`, else the content of `operator_token_file`."""
+        if self.operator_token or self.operator_token_file is None:
+            return self.operator_token
+        try:
+            token = Path(self.operator_token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"[server] operator_token_file={str(self.operator_token_file)!r} cannot be read "
+                              f"({e.strerror}); write the token there or remove the key") from e
+        if len(token) < 16:
+            raise _bad("server", "operator_token_file", str(self.operator_token_file),
+                       "a file holding a token of at least 16 characters")
+        return token
+
+    def require_tls(self) -> None:
+        """Refuse to serve without mTLS material unless plaintext dev mode was asked for explicitly.
+
+        Checked when serving, not when loading: `crosslm-server adapters` needs no certificates.
+        """
+        if self.plaintext_dev_mode:
+            return
+        missing = [name for name in ("tls_cert", "tls_key", "tls_ca") if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"[server] {', '.join(missing)} not set: mTLS needs the server certificate, its key "
+                              "and the CA of the silos' certificates (make them with `crosslm certs --out runs/certs "
+                              "--silos a,b`), or set plaintext_dev_mode = true for a local demo only")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = Path(getattr(self, name))
+            if not path.is_file():
+                raise ConfigError(f"[server] {name}={str(path)!r} does not exist; make the certificates with "
+                                  "`crosslm certs --out DIR --server-host NAME --silos a,b` and point "
+                                  f"{name} at them")
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    kind: StoreKind = "sqlite"          # "sqlite" (durable, WAL) or "memory" (tests: forgets on exit)
+    path: Path | None = None            # SQLite file; default <data_dir>/state.db
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(StoreKind):
+            raise _bad("store", "kind", self.kind, str(get_args(StoreKind)))
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    name: str = "tiny"                  # engine registry name: "tiny" (tests) or "crosslm" (the real round)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the engine's constructor
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise _bad("engine", "name", self.name, str(sorted(ENGINES)))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerSection = field(default_factory=ServerSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or self.server.data_dir / "state.db"
+
+
+def _section(cls, section: str, raw: dict[str, Any], base: Path):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known: {sorted(known)}")
+    values = dict(raw)
+    for name, value in raw.items():
+        if name in ("data_dir", "path", "tls_cert", "tls_key", "tls_ca", "operator_token_file") and value is not None:
+            values[name] = (base / Path(value)).resolve()
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"[{section}]: {e}") from e
+
+
+def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> ServerConfig:
+    """Read a TOML file; `overrides` ({section: {key: value}}) come from command-line flags."""
+    raw = read_toml(path, "server config", overrides=overrides)
+    unknown = sorted(set(raw) - {"server", "store", "engine"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")
+    base = Path(path).resolve().parent
+    options = raw.get("engine", {}).get("options", {})
+    # engine paths, like the others, are relative to this file
+    for key in ("config", "adapters_dir", "synthetic_dir", "eval_data"):
+        if isinstance(options.get(key), str):
+            options[key] = str((base / options[key]).resolve())
+    return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),
+                        store=_section(StoreSection, "store", raw.get("store", {}), base),
+                        engine=_section(EngineSection, "engine", raw.get("engine", {}), base))
