@@ -22,27 +22,18 @@ import grpc
 from crosslm_shared import convert
 from crosslm_shared.bundle import Manifest, open_regular
 from crosslm_shared.certs import read_pem
-from crosslm_shared.errors import BundleError, CrossLMError
+from crosslm_shared.errors import BundleError, TransportError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.records import TERMINAL_EVENTS, Event, Submission
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, Chunk, IdleWatchdog, PartialFile, iter_chunks
 
 log = logging.getLogger(__name__)
-SILO_METADATA_KEY = "x-crosslm-silo"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
 FATAL_AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 UPLOAD_METHOD = "/crosslm.v1.CrossLM/Upload"
 DOWNLOAD_METHOD = "/crosslm.v1.CrossLM/Download"
-
-
-class TransportError(CrossLMError):
-    """A call failed for good; `code` is the gRPC status (exit code 3 for auth, 4 otherwise)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -88,7 +79,7 @@ class CrossLMClient:
         self._credentials = tls.credentials() if tls else None
         if tls and tls.server_name:
             self._options.append(("grpc.ssl_target_name_override", tls.server_name))
-        self._metadata = () if tls else ((SILO_METADATA_KEY, silo),)
+        self._metadata = () if tls else ((convert.SILO_METADATA_KEY, silo),)
         self.channel: grpc.Channel | None = None
         self._connect()
 

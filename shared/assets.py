@@ -60,12 +60,10 @@ def cache_dir() -> Path:
     return root
 
 
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """SHA-256 of an installed package file (links allowed: a package may be installed as one)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def smollm2_gguf() -> Path:

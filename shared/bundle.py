@@ -45,7 +45,6 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_BLOCK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -289,12 +288,9 @@ def open_regular(path: Path):
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (memory stays flat)."""
-    h = hashlib.sha256()
+    """SHA-256 of a regular file inside a bundle (never through a link), read in blocks."""
     with open_regular(path) as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def make_manifest(folder: Path, *, task: str, silo: str, arch: str, labels: tuple[str, ...] | list[str],

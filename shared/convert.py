@@ -14,6 +14,10 @@ from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.records import Event, Submission, Upload
 from crosslm_shared.transfer import Chunk
 
+# plaintext dev mode only: the silo names itself in this gRPC metadata header (under mTLS the
+# certificate's CN is the identity and the header is ignored)
+SILO_METADATA_KEY = "x-crosslm-silo"
+
 
 def manifest_to_pb(m: Manifest) -> pb.Manifest:
     return pb.Manifest(task=m.task, silo=m.silo, arch=m.arch, labels=list(m.labels),

@@ -1,8 +1,11 @@
 """One small hierarchy of errors. Every message names the bad key or value, says why and what to do.
 
-The gRPC servicer maps each type to exactly one status code (see crosslm_server), so new
-error kinds belong here, not as ad-hoc exceptions elsewhere.
+Every error CrossLM raises to a caller is defined here: the gRPC servicer maps each type to
+exactly one status code (crosslm_server/service/servicer.py, docs/service.md), so a new kind of
+error belongs here, not as an ad-hoc exception elsewhere. (Private control flow inside one module,
+such as the demo supervisor's "a child failed", stays in that module.)
 """
+from typing import Any
 
 
 class CrossLMError(Exception):
@@ -39,3 +42,47 @@ class ResourceExhaustedError(CrossLMError):
 
 class PreconditionError(CrossLMError):
     """The call is valid but the state does not allow it yet (FAILED_PRECONDITION)."""
+
+
+class InvalidRequestError(CrossLMError):
+    """A request field is malformed (INVALID_ARGUMENT)."""
+
+
+class StoppingError(CrossLMError):
+    """The server is shutting down; the caller should reconnect and resume (UNAVAILABLE)."""
+
+
+class UnauthenticatedError(CrossLMError):
+    """The caller has no identity the server accepts (UNAUTHENTICATED)."""
+
+
+class NotReadyError(CrossLMError):
+    """The server cannot take this request yet (the engine is starting); retry (UNAVAILABLE)."""
+
+
+class RoundError(CrossLMError):
+    """A round cannot go on; the message is written for the silo (no server paths)."""
+
+
+class UploadConflictError(CrossLMError):
+    """An upload id is reused with a different manifest (ALREADY_EXISTS)."""
+
+
+class ChunkError(BundleError):
+    """A chunk is corrupt (CRC mismatch) or does not continue the file (INVALID_ARGUMENT)."""
+
+
+class OffsetError(PreconditionError):
+    """A chunk's offset is not the committed size: ask for the committed size and resume there."""
+
+
+class DemoReportError(CrossLMError):
+    """The silos' reports lack what the demo report needs (a silo or round did not finish)."""
+
+
+class TransportError(CrossLMError):
+    """A call failed for good; `code` is the gRPC status (exit code 3 for auth, 4 otherwise)."""
+
+    def __init__(self, message: str, code: Any = None):  # code: a grpc.StatusCode
+        super().__init__(message)
+        self.code = code

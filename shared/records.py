@@ -4,12 +4,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
 
 from crosslm_shared.bundle import Manifest
 
-Stage = Literal["queued", "running", "ready", "failed"]
-STAGES: tuple[str, ...] = ("queued", "running", "ready", "failed")
 TERMINAL_STAGES = frozenset({"ready", "failed"})
 TERMINAL_EVENTS = frozenset({"ready", "failed"})
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import google_crc32c
 
 from crosslm_shared.bundle import open_regular
-from crosslm_shared.errors import BundleError, ConfigError, PreconditionError
+from crosslm_shared.errors import BundleError, ChunkError, ConfigError, OffsetError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -34,12 +34,6 @@ SYNC_EVERY = 8 * MiB  # a durable .part file is fsynced after this many bytes (a
 _INLINE_HASH_BYTES = 64 * KiB
 
 
-class ChunkError(BundleError):
-    """A chunk is corrupt (CRC mismatch) or does not continue the file (INVALID_ARGUMENT)."""
-
-
-class OffsetError(PreconditionError):
-    """A chunk's offset is not the committed size: ask for the committed size and resume there."""
 
 
 @dataclass(frozen=True)

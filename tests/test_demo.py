@@ -20,7 +20,8 @@ import pytest
 
 from conftest import write_task
 from crosslm_client.config import load_silo_config
-from crosslm_server.experiments.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare, run
+from crosslm_server.experiments.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare
+from crosslm_server.experiments.demo_supervisor import run
 from crosslm_server.experiments.report import check_schema
 from crosslm_server.service.config import load_server_config
 

@@ -4,7 +4,8 @@ import pytest
 from crosslm_shared.bundle import FileEntry, Manifest
 from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError
 from crosslm_shared.records import Upload
-from crosslm_server.service.store import MemoryStore, UploadConflictError
+from crosslm_server.service.store import MemoryStore
+from crosslm_shared.errors import UploadConflictError
 from crosslm_server.service.store.sqlite import SQLiteStore
 
 SHA = "0" * 64

@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from crosslm_shared.errors import ConfigError, CrossLMError
+from crosslm_shared.errors import ConfigError
 
 Emit = Callable[[str, Mapping[str, Any]], None]
 
-
-class RoundError(CrossLMError):
-    """A round cannot go on; the message is written for the silo (no server paths)."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from crosslm_server.engines.admission import check_slm
-from crosslm_server.engines.api import Emit, RoundError, RoundOutcome, RoundRequest
+from crosslm_server.engines.api import Emit, RoundOutcome, RoundRequest
+from crosslm_shared.errors import RoundError
 from crosslm_shared.tasks import builtin_tasks, load_task
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from crosslm_server.experiments.study import merge_results
+    from crosslm_server.experiments.study_summary import merge_results
 
     results = merge_results([Path(d) for d in args.studies], Path(args.out))
     print(json.dumps(results, indent=2))
@@ -80,7 +80,8 @@ def _example(name: str) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from crosslm_server.experiments.demo import DemoSettings, prepare, run
+    from crosslm_server.experiments.demo import DemoSettings, prepare
+    from crosslm_server.experiments.demo_supervisor import run
 
     config = Path(args.config) if args.config else _example("demo-quick.toml" if args.quick else "demo.toml")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -100,7 +101,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_report(args: argparse.Namespace) -> int:
     from crosslm_server.method.config import load_config
     from crosslm_server.experiments.demo import report_header
-    from crosslm_server.experiments.demo_report import DemoReportError, load_silo_reports, summary, write_demo_report
+    from crosslm_server.experiments.demo_report import load_silo_reports, summary, write_demo_report
+    from crosslm_shared.errors import DemoReportError
     from crosslm_shared.tasks import load_task
 
     dirs = {}

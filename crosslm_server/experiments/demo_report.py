@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from crosslm_shared.errors import DemoReportError
+
 STAGES = ("generate", "score", "filter", "update_llm", "enhance_slm")
 
-
-class DemoReportError(Exception):
-    """The silos' reports lack what the demo report needs (a silo or round did not finish)."""
 
 
 def _number(text: str) -> float | int:

@@ -7,7 +7,7 @@ The frozen base G_0 is the same module with the adapter disabled (peft's
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,7 +83,6 @@ class LLM:
     model: PeftModel
     tokenizer: object
     device: torch.device
-    meta: dict = field(default_factory=dict)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
@@ -116,6 +115,4 @@ def load_llm(cfg: LLMConfig) -> LLM:
     device = torch_device()
     tok = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(cfg)).to(device)
-    llm = wrap_lora(base, tok, cfg, device)
-    llm.meta = {"folder": str(folder)}
-    return llm
+    return wrap_lora(base, tok, cfg, device)

@@ -190,3 +190,26 @@ def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | Non
     return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),
                         store=_section(StoreSection, "store", raw.get("store", {}), base),
                         engine=_section(EngineSection, "engine", raw.get("engine", {}), base))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one silo may hold of the shared resources (the `[server]` options of the same names)."""
+
+    max_bundle_bytes: int
+    chunk_size: int
+    max_queue: int = 100
+    max_queued_per_silo: int = 2
+    max_pending_uploads_per_silo: int = 4
+    max_silo_upload_bytes: int = 4 * 1024**3
+    upload_ttl_s: float = 24 * 3600.0
+    upload_lock_timeout_s: float = 30.0
+    admission_timeout_s: float = 120.0
+    admission_memory_bytes: int = 4 * 1024**3
+    keep_rounds_per_silo: int = 4
+
+    @classmethod
+    def of(cls, section: Any) -> "Limits":
+        """The limits of a `[server]` section: every field of the same name (the others keep
+        their defaults here, e.g. `upload_lock_timeout_s`)."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})

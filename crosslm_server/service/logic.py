@@ -18,61 +18,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 from crosslm_shared.bundle import Manifest, check_safetensors_prefix, validate_bundle_dir, validate_manifest
 from crosslm_shared.convert import stringify_fields
-from crosslm_shared.errors import (BundleError, CrossLMError, NotFoundError, PermissionDeniedError,
-                                   PreconditionError, ResourceExhaustedError)
+from crosslm_shared.errors import (BundleError, InvalidRequestError, NotFoundError, NotReadyError,
+                                   PermissionDeniedError, PreconditionError, ResourceExhaustedError,
+                                   StoppingError)
 from crosslm_shared.records import Event, Submission, Upload
 from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
 from crosslm_server.engines.admission import IsolatedChecker, TaskLabels, check_task
+from crosslm_server.service.config import Limits
 from crosslm_server.service.metrics import Metrics
 from crosslm_server.service.store import Store
 
 log = logging.getLogger(__name__)
 UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
-
-
-class InvalidRequestError(CrossLMError):
-    """A request field is malformed (INVALID_ARGUMENT)."""
-
-
-class StoppingError(CrossLMError):
-    """The server is shutting down; the caller should reconnect and resume (UNAVAILABLE)."""
-
-
-class UnauthenticatedError(CrossLMError):
-    """The caller has no identity the server accepts (UNAUTHENTICATED)."""
-
-
-class NotReadyError(CrossLMError):
-    """The server cannot take this request yet (the engine is starting); retry (UNAVAILABLE)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one silo may hold of the shared resources (the `[server]` options of the same names)."""
-
-    max_bundle_bytes: int
-    chunk_size: int
-    max_queue: int = 100
-    max_queued_per_silo: int = 2
-    max_pending_uploads_per_silo: int = 4
-    max_silo_upload_bytes: int = 4 * 1024**3
-    upload_ttl_s: float = 24 * 3600.0
-    upload_lock_timeout_s: float = 30.0
-    admission_timeout_s: float = 120.0
-    admission_memory_bytes: int = 4 * 1024**3
-    keep_rounds_per_silo: int = 4
-
-    @classmethod
-    def of(cls, section: Any) -> "Limits":
-        """The limits of a `[server]` section: every field of the same name (the others keep
-        their defaults here, e.g. `upload_lock_timeout_s`)."""
-        return cls(**{f.name: getattr(section, f.name) for f in dataclass_fields(cls) if hasattr(section, f.name)})
 
 
 class CrossLMService:
@@ -419,5 +381,4 @@ def _own(owner: str, caller: str, what: str, key: str) -> None:
         raise PermissionDeniedError(f"{what} {key!r} belongs to another silo; you are {caller!r}")
 
 
-__all__ = ["CrossLMService", "InvalidRequestError", "Limits", "NotFoundError", "NotReadyError",
-           "UnauthenticatedError"]
+__all__ = ["CrossLMService"]

@@ -25,8 +25,8 @@ from crosslm_shared.transfer import tune_malloc_for_chunks
 from crosslm_server.engines.api import create_engine
 from crosslm_server.service.http import build_app
 from crosslm_server.service.metrics import Metrics
-from crosslm_server.service.config import ServerConfig, ServerSection
-from crosslm_server.service.logic import CrossLMService, Limits
+from crosslm_server.service.config import Limits, ServerConfig, ServerSection
+from crosslm_server.service.logic import CrossLMService
 from crosslm_server.service.servicer import CrossLMServicer, add_to_server
 from crosslm_server.service.store import MemoryStore, Store
 from crosslm_server.service.store.sqlite import SQLiteStore

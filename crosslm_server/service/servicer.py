@@ -18,18 +18,16 @@ import grpc
 
 from crosslm_shared import convert
 from crosslm_shared.errors import (AssetMissingError, BundleError, ConfigError, CrossLMError, DataError,
-                                   NotFoundError, PermissionDeniedError, PreconditionError,
-                                   ResourceExhaustedError)
+                                   InvalidRequestError, NotFoundError, NotReadyError, PermissionDeniedError,
+                                   PreconditionError, ResourceExhaustedError, StoppingError,
+                                   UnauthenticatedError, UploadConflictError)
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.transfer import Chunk, IdleWatchdog
 from crosslm_server.service.metrics import Metrics
-from crosslm_server.service.logic import (CrossLMService, InvalidRequestError, NotReadyError, StoppingError,
-                                    UnauthenticatedError)
-from crosslm_server.service.store import UploadConflictError
+from crosslm_server.service.logic import CrossLMService
 
 log = logging.getLogger(__name__)
-SILO_METADATA_KEY = "x-crosslm-silo"
 SERVICE = pb.DESCRIPTOR.services_by_name["CrossLM"].full_name  # "crosslm.v1.CrossLM"
 _SILO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -179,10 +177,10 @@ class CrossLMServicer(pb_grpc.CrossLMServicer):
             raise UnauthenticatedError(f"certificate CN {silo!r} is not a valid silo name; ask the server's "
                                        "operator for a certificate made by `crosslm certs`")
         if self.allow_dev_identity:
-            silo = dict(context.invocation_metadata()).get(SILO_METADATA_KEY, "")
+            silo = dict(context.invocation_metadata()).get(convert.SILO_METADATA_KEY, "")
             if _SILO_RE.match(silo):
                 return silo
-            raise UnauthenticatedError(f"dev mode: send your silo name in the {SILO_METADATA_KEY!r} "
+            raise UnauthenticatedError(f"dev mode: send your silo name in the {convert.SILO_METADATA_KEY!r} "
                                        f"metadata header (got {silo!r})")
         raise UnauthenticatedError("no client certificate: connect with mTLS using your silo's certificate")
 

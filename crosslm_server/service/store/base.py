@@ -12,12 +12,9 @@ import abc
 from collections.abc import Mapping
 
 from crosslm_shared.bundle import Manifest
-from crosslm_shared.errors import CrossLMError, NotFoundError, PermissionDeniedError, PreconditionError
+from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError, UploadConflictError
 from crosslm_shared.records import Event, Submission, Upload
 
-
-class UploadConflictError(CrossLMError):
-    """An upload id is reused with a different manifest (ALREADY_EXISTS)."""
 
 
 def conflict_message(upload_id: str) -> str:
