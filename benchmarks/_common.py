@@ -29,6 +29,10 @@ from typing import Any, Iterator, Sequence
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
+# the service benchmarks run the tests' engines and tiny SLMs (tests/fakes), by import path, in
+# this process and in the servers they start
+sys.path.insert(0, str(REPO / "tests"))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 # ---- the machine --------------------------------------------------------------------------
@@ -234,7 +238,7 @@ def write_big_safetensors(path: Path, mib: int) -> None:
 
 def big_bundle(root: Path, mib: int, *, silo: str = "bench", task: str = "bench"):
     """A tiny SLM folder whose model.safetensors is `mib` MiB, and its manifest."""
-    from crosslm_client.tiny import new_tiny_slm
+    from fakes.tiny_slm import new_tiny_slm
     from crosslm_shared.bundle import make_manifest
     folder = new_tiny_slm(["neg", "pos"], tokenizer_dir=root / "tok").save(root / f"slm-{silo}-{mib}")
     write_big_safetensors(folder / "model.safetensors", mib)
@@ -347,7 +351,7 @@ class ServerProcess:
             self._log.close()
 
 
-def start_server(root: Path, *, name: str = "server", engine: str = "echo", engine_options: dict | None = None,
+def start_server(root: Path, *, name: str = "server", engine: str = "fakes.echo_engine:EchoEngine", engine_options: dict | None = None,
                  tls: bool = False, silos: Sequence[str] = ("bench",), server: dict | None = None,
                  profile: Path | None = None, ready_timeout: float = 300.0) -> ServerProcess:
     """Write a server TOML under `root/name` and start `crosslm-server serve` on free ports.

@@ -35,6 +35,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import _common  # noqa: F401 - puts the tests' engines and tiny SLMs (tests/fakes) on the path
+
 from crosslm_client.config import load_silo_config
 from crosslm_client.daemon import run
 from crosslm_shared.certs import make_certs
@@ -53,7 +55,7 @@ def start_server(root: Path, certs: Path, *, hostile: bool = False) -> tuple[sub
                       f'data_dir = "data"\ntls_cert = "{certs / "server.pem"}"\ntls_key = "{certs / "server.key"}"\n'
                       f'tls_ca = "{certs / "ca.pem"}"\ngrpc_workers = 64\nidle_timeout_s = 20\n'
                       f'operator_token = "{OPERATOR_TOKEN}"\n'
-                      f'[store]\nkind = "sqlite"\n[engine]\nname = "tiny"\n{engine}')
+                      f'[store]\nkind = "sqlite"\n[engine]\nname = "fakes.tiny_engine:TinyEngine"\n{engine}')
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.service.cli", "serve", "--config", str(config),
                              "--grpc-port", "0", "--http-port", "0"], stderr=log, cwd=root)
@@ -78,7 +80,7 @@ def write_silo(root: Path, certs: Path, name: str, grpc_port: int, rounds: int) 
     (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     config = root / f"{name}.toml"
     config.write_text(f'output_dir = "{name}-out"\n[silo]\nname = "{name}"\ntask = "rt"\nlabels = ["neg", "pos"]\n'
-                      f'data = "{name}.jsonl"\narch = "tiny"\nseed = 1\n[server]\naddress = "localhost:{grpc_port}"\n'
+                      f'data = "{name}.jsonl"\narch = "fakes.tiny_slm:TINY"\nseed = 1\n[server]\naddress = "localhost:{grpc_port}"\n'
                       f'ca = "{certs / "ca.pem"}"\ncert = "{certs / (name + ".pem")}"\nkey = "{certs / (name + ".key")}"\n'
                       f'max_attempts = 20\n[train]\nepochs = 1\nlrs = [0.001]\ncontinue_epochs = 1\n'
                       f'[rounds]\ncount = {rounds}\n')
@@ -89,7 +91,7 @@ class Hostile:
     """The misbehaving silo: a loop of attacks on every shared resource until `stop` is set."""
 
     def __init__(self, root: Path, certs: Path, grpc_port: int):
-        from crosslm_client.tiny import new_tiny_slm
+        from fakes.tiny_slm import new_tiny_slm
         from crosslm_shared.bundle import make_manifest
 
         self.refusals: Counter[str] = Counter()

@@ -4,15 +4,16 @@ Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-Arch = Literal["tiny", "minilm", "mpnet4"]
+BUILTIN_ARCHS = ("minilm", "mpnet4")  # else "module:attribute", a model family (crosslm_client.models)
 
 
 def _bad(section: str, name: str, value: Any, allowed: str) -> ConfigError:
@@ -29,7 +30,7 @@ class SiloSection:
     label_column: str = "label"          # column / key holding the label (a name from labels, or its index)
     heldout_fraction: float = 0.25       # share of the data kept aside for evaluation, never trained on
     seed: int = 0                        # seed of the split and of training
-    arch: Arch = "minilm"                # SLM architecture: minilm, mpnet4, or tiny (tests)
+    arch: str = "minilm"                 # SLM architecture: minilm, mpnet4, or module:attribute (a model family)
     test_data: Path | None = None        # public test examples (same format), reports only: never trained or selected on
 
     def __post_init__(self) -> None:
@@ -40,8 +41,8 @@ class SiloSection:
             raise _bad("silo", "labels", list(self.labels), "at least two distinct label names")
         if not 0.05 <= self.heldout_fraction <= 0.5:
             raise _bad("silo", "heldout_fraction", self.heldout_fraction, "0.05..0.5")
-        if self.arch not in get_args(Arch):
-            raise _bad("silo", "arch", self.arch, str(get_args(Arch)))
+        if self.arch not in BUILTIN_ARCHS and not re.fullmatch(r"[\w.]+:\w+", self.arch):
+            raise _bad("silo", "arch", self.arch, f"{' or '.join(BUILTIN_ARCHS)}, or module:attribute naming a model family")
 
 
 @dataclass(frozen=True)

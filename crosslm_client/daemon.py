@@ -80,12 +80,12 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
     reports = []
     with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
-        status("training", 0, arch=s.arch, examples=len(train[0]))
+        status("training", 0, arch=models.family(config).name, examples=len(train[0]))
         state = _initial_model(config, train, held, test)
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
-            report |= {"arch": s.arch, "n_train": len(train[0]), "n_heldout": len(held[0]),
+            report |= {"arch": models.family(config).name, "n_train": len(train[0]), "n_heldout": len(held[0]),
                        "label_counts": _label_counts(s.labels, examples[1]),
                        "train": {"lrs": list(config.train.lrs), "epochs": config.train.epochs,
                                  "continue_epochs": config.train.continue_epochs}}
@@ -117,13 +117,14 @@ def _label_counts(labels, ys) -> dict[str, int]:
 
 def _initial_model(config: SiloConfig, train: Examples, held: Examples, test: Examples | None) -> SiloState:
     folder = config.output_dir / "models" / "round-000"
-    model = models.train_new(config, train, held, work_dir=config.output_dir / "work")
-    temperature = models.calibrate(config, model, held)
+    family = models.family(config)
+    model = family.train_new(config, train, held, work_dir=config.output_dir / "work")
+    temperature = family.calibrate(config, model, held)
     accuracy = model.evaluate(*held)
     test_accuracy = model.evaluate(*test) if test else None
     _save(model, folder)
     log.info("silo %s: trained %s SLM, held-out accuracy %.4f, temperature %.3f%s", config.silo.name,
-             config.silo.arch, accuracy, temperature, _test_note(test_accuracy, test))
+             family.name, accuracy, temperature, _test_note(test_accuracy, test))
     return SiloState(folder, accuracy, temperature, test_accuracy)
 
 
@@ -148,7 +149,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
               status=_quiet) -> tuple[dict[str, Any], SiloState]:
     s = config.silo
     started = time.monotonic()
-    manifest = make_manifest(state.model_dir, task=s.task, silo=s.name, arch=s.arch, labels=s.labels,
+    family = models.family(config)
+    manifest = make_manifest(state.model_dir, task=s.task, silo=s.name, arch=family.name, labels=s.labels,
                              temperature=state.temperature, heldout_accuracy=state.accuracy)
     upload_id = upload_id_for(s.name, round_no, manifest)
     report: dict[str, Any] = {"round": round_no, "silo": s.name, "task": s.task, "upload_id": upload_id,
@@ -191,14 +193,14 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
         report["synthetic_examples"] = len(texts)
     status("continuing", round_no, epochs=config.train.continue_epochs,
            synthetic=len(synthetic[0]) if synthetic else 0)
-    current = models.load(config, state.model_dir)
-    chosen, info = models.continue_and_choose(config, current, models.load(config, dest), train, held, synthetic)
+    current = family.load(config, state.model_dir)
+    chosen, info = family.continue_and_choose(config, current, family.load(config, dest), train, held, synthetic)
     adopted = bool(info["adopted"])
     report.update(outcome="ready", selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
                   kept="enhanced" if adopted else "previous")
     if adopted:
         status("evaluating", round_no)
-        temperature = models.calibrate(config, chosen, held) if config.silo.arch == "tiny" else chosen.temperature
+        temperature = chosen.temperature  # the family calibrated it when it chose
         accuracy = chosen.evaluate(*held)
         report["accuracy_enhanced"] = accuracy
         folder = config.output_dir / "models" / f"round-{round_no:03d}"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# The test doubles (tests/fakes) are loaded by import path from configs, also by the servers and
+# daemons the tests start as processes: they inherit this.
+_TESTS = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_TESTS, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 WORDS = ("good great fine superb lovely bad awful poor dull boring movie film plot actor scene the a is was "
          "and it this very not story ok meh average okay").split()

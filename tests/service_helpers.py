@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from crosslm_client.tiny import new_tiny_slm
+from fakes.tiny_slm import new_tiny_slm
 from crosslm_shared import convert
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
@@ -26,9 +26,9 @@ def tiny_bundle(root: Path, *, silo: str = "a", seed: int = 0):
                                  temperature=1.0, heldout_accuracy=0.5)
 
 
-def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, engine: str = "tiny",
+def server_config(data_dir: Path, *, store: str = "sqlite", engine_options=None, engine: str = "fakes.tiny_engine:TinyEngine",
                   **server) -> ServerConfig:
-    """`engine="echo"` for transfer tests whose bundles are not loadable models (echo checks no content)."""
+    """`engine="fakes.echo_engine:EchoEngine"` for transfer tests whose bundles are not loadable models (echo checks no content)."""
     section = dict(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0, data_dir=data_dir,
                    grace_s=5, plaintext_dev_mode=True, operator_token=OPERATOR_TOKEN) | server
     return ServerConfig(

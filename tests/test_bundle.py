@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from crosslm_client.tiny import new_tiny_slm
+from fakes.tiny_slm import new_tiny_slm
 from crosslm_shared.bundle import (FileEntry, make_manifest, validate_bundle_dir, validate_manifest)
 from crosslm_shared.errors import BundleError, ResourceExhaustedError
 

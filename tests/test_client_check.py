@@ -31,7 +31,7 @@ def write(tmp_path, server, certs, **server_keys):
     keys |= server_keys
     body = "".join(f'{k} = {v}\n' if isinstance(v, bool) else f'{k} = "{v}"\n' for k, v in keys.items() if v is not None)
     cfg = tmp_path / "silo.toml"
-    cfg.write_text('[silo]\nname = "silo-a"\ntask = "rt"\nlabels = ["neg", "pos"]\ndata = "data.csv"\narch = "tiny"\n'
+    cfg.write_text('[silo]\nname = "silo-a"\ntask = "rt"\nlabels = ["neg", "pos"]\ndata = "data.csv"\narch = "fakes.tiny_slm:TINY"\n'
                    f"[server]\n{body}")
     return cfg
 

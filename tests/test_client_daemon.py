@@ -20,7 +20,7 @@ def write_silo(tmp_path, server, name, *, rounds=1):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'output_dir = "{name}-out"\n[silo]\nname = "{name}"\ntask = "rt"\nlabels = ["neg", "pos"]\n'
-                   f'data = "{data.name}"\narch = "tiny"\nseed = 1\n[server]\naddress = "{address(server)}"\n'
+                   f'data = "{data.name}"\narch = "fakes.tiny_slm:TINY"\nseed = 1\n[server]\naddress = "{address(server)}"\n'
                    f'max_attempts = 3\nbackoff_initial_s = 0.05\nplaintext_dev_mode = true\n[train]\nepochs = 2\nlrs = [0.001]\n'
                    f'[rounds]\ncount = {rounds}\n')
     return cfg
@@ -102,7 +102,7 @@ def test_a_real_minilm_bundle_makes_the_round_trip(tmp_path):
     server = start_server(server_config(tmp_path / "server", engine_options={"steps": 1}))
     try:
         cfg = write_silo(tmp_path, server, "silo-m")
-        text = cfg.read_text().replace('arch = "tiny"', 'arch = "minilm"').replace("epochs = 2", "epochs = 1")
+        text = cfg.read_text().replace('arch = "fakes.tiny_slm:TINY"', 'arch = "minilm"').replace("epochs = 2", "epochs = 1")
         cfg.write_text(text.replace("[rounds]", "continue_epochs = 0\n[rounds]"))
         assert main(["run", "--config", str(cfg)]) == 0
         report = json.loads((tmp_path / "silo-m-out" / "reports" / "round-001.json").read_text())

@@ -34,7 +34,7 @@ def demo_config(tmp_path, tiny_llm_dir) -> Path:
     cfg = tmp_path / "demo-tiny.toml"
     cfg.write_text(f'''task = "{task}"
 rounds = 2
-archs = ["tiny"]
+archs = ["fakes.tiny_slm:TINY"]
 [split]
 n_silos = 2
 n_private = 16
@@ -64,7 +64,7 @@ ppl_max_tokens = 32
 
 
 def _settings(config: Path, out: Path, **kw) -> DemoSettings:
-    return DemoSettings(config=config, out=out, archs=("tiny",), llm_eval_texts=6, llm_eval_docs=2, **kw)
+    return DemoSettings(config=config, out=out, archs=("fakes.tiny_slm:TINY",), llm_eval_texts=6, llm_eval_docs=2, **kw)
 
 
 @pytest.mark.e2e
@@ -170,7 +170,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.e2e
 def test_ctrl_c_stops_every_child(tmp_path, demo_config):
     proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.experiments.cli", "demo", "--config", str(demo_config),
-                             "--archs", "tiny", "--out", str(tmp_path / "run"), "--llm-eval-texts", "6",
+                             "--archs", "fakes.tiny_slm:TINY", "--out", str(tmp_path / "run"), "--llm-eval-texts", "6",
                              "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

@@ -6,21 +6,23 @@ import pytest
 
 from crosslm_server.engines import api as engine_api
 from crosslm_server.engines.api import Engine, create_engine
-from crosslm_server.engines.tiny import TinyEngine
+from fakes.tiny_engine import TinyEngine
 from crosslm_shared.errors import ConfigError
 from service_helpers import http_get, server_config, start_server
 
 
-def test_registry_names_tiny_echo_and_the_real_engine():
-    assert engine_api.ENGINES["crosslm"] == "crosslm_server.engines.crosslm:CrossLMEngine"
-    engine = create_engine("tiny", {"steps": 1})
+def test_the_registry_ships_the_real_engine_and_test_engines_load_by_import_path():
+    assert engine_api.ENGINES == {"crosslm": "crosslm_server.engines.crosslm:CrossLMEngine"}
+    engine = create_engine("fakes.tiny_engine:TinyEngine", {"steps": 1})
     assert isinstance(engine, TinyEngine) and isinstance(engine, Engine) and engine.ready()
-    assert create_engine("echo").ready()
+    assert create_engine("fakes.echo_engine:EchoEngine").ready()
 
 
 def test_unknown_or_unimportable_engines_are_config_errors(monkeypatch):
-    with pytest.raises(ConfigError, match=r"engine.name='gpt9' is unknown; choose one of"):
+    with pytest.raises(ConfigError, match=r"\[engine\] name='gpt9' is unknown; choose one of"):
         create_engine("gpt9")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        create_engine("fakes.no_such_module:Engine")
     monkeypatch.setitem(engine_api.ENGINES, "broken", "crosslm_server.no_such_module:Engine")
     with pytest.raises(ConfigError, match="cannot be imported"):
         create_engine("broken")

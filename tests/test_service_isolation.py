@@ -18,7 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 
-from crosslm_client.tiny import new_tiny_slm
+from fakes.tiny_slm import new_tiny_slm
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles, TransportError
 from crosslm_shared.bundle import make_manifest
 from crosslm_shared.certs import make_certs

@@ -27,7 +27,7 @@ FAST = RetryPolicy(initial_s=0.05, max_s=0.5, max_attempts=20)
 
 
 class ServerProcess:
-    def __init__(self, root, *, engine_options: str = "", engine: str = "tiny"):
+    def __init__(self, root, *, engine_options: str = "", engine: str = "fakes.tiny_engine:TinyEngine"):
         self.root = root
         self.config = root / "server.toml"
         self.config.write_text(textwrap.dedent(f"""\
@@ -90,7 +90,7 @@ def big_bundle(tmp_path):
 
 def test_server_killed_mid_upload_resumes_from_the_committed_offset(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    server = ServerProcess(tmp_path, engine="echo").start()  # echo: the big bundle is no loadable model
+    server = ServerProcess(tmp_path, engine="fakes.echo_engine:EchoEngine").start()  # echo: the big bundle is no loadable model
     try:
         errors = []
 
@@ -177,7 +177,7 @@ with CrossLMClient(sys.argv[1], "a", chunk_size=262144) as client:
 
 def test_client_killed_mid_upload_resumes_after_restart(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    server = start_server(server_config(tmp_path / "server", engine="echo"))
+    server = start_server(server_config(tmp_path / "server", engine="fakes.echo_engine:EchoEngine"))
     try:
         proc = subprocess.Popen([sys.executable, "-c", CLIENT, address(server), str(folder)])
         with CrossLMClient(address(server), "a", chunk_size=CHUNK, retry=FAST) as probe:

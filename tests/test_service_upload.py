@@ -26,7 +26,7 @@ META = (("x-crosslm-silo", "a"),)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # echo: the big bundle's weights are one random tensor, a transfer test and no loadable model
-    s = start_server(server_config(tmp_path_factory.mktemp("server"), engine="echo"))
+    s = start_server(server_config(tmp_path_factory.mktemp("server"), engine="fakes.echo_engine:EchoEngine"))
     yield s
     s.stop(grace=2)
 
@@ -177,7 +177,7 @@ def test_download_from_an_offset(server, big_bundle, tmp_path):
 
 def test_a_stalled_upload_is_cut_after_the_idle_timeout_and_resumes(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    s = start_server(server_config(tmp_path / "srv", idle_timeout_s=0.3, engine="echo"))
+    s = start_server(server_config(tmp_path / "srv", idle_timeout_s=0.3, engine="fakes.echo_engine:EchoEngine"))
     try:
         entry = manifest.file("model.safetensors")
         data = (folder / entry.name).read_bytes()[:CHUNK]
@@ -204,7 +204,7 @@ def test_a_stalled_upload_is_cut_after_the_idle_timeout_and_resumes(tmp_path, bi
 
 def test_an_upload_resumes_across_a_server_restart(tmp_path, big_bundle):
     folder, manifest = big_bundle
-    config = server_config(tmp_path / "srv", engine="echo")
+    config = server_config(tmp_path / "srv", engine="fakes.echo_engine:EchoEngine")
     s = start_server(config)
     client = CrossLMClient(address(s), "a", chunk_size=CHUNK, retry=RetryPolicy(max_attempts=1))
     sent = []

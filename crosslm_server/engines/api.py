@@ -1,13 +1,15 @@
 """The contract between the worker and the ML engine that runs one CrossLM round.
 
 The worker knows nothing of LLMs; the engine knows nothing of gRPC, the store or HTTP.
-Engines are chosen by name in the server config (`[engine] name = ...`); the registry maps
-each name to "module:Class", imported lazily so a server running the tiny test engine never
-imports the LLM stack. Options from `[engine.options]` are passed as keyword arguments.
+Engines are chosen in the server config (`[engine] name = ...`): a name in the registry, which
+maps it to "module:Class", or such an import path itself (the tests' engines,
+`tests/fakes/`); imported lazily, so a server running a test engine never imports the LLM stack.
+Options from `[engine.options]` are passed as keyword arguments.
 """
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +65,28 @@ class Engine(Protocol):
 
 
 ENGINES: dict[str, str] = {
-    "tiny": "crosslm_server.engines.tiny:TinyEngine",
-    "echo": "crosslm_server.engines.echo:EchoEngine",
     "crosslm": "crosslm_server.engines.crosslm:CrossLMEngine",
 }
+IMPORT_PATH = re.compile(r"[\w.]+:\w+")
+
+
+def engine_path(name: str) -> str:
+    """The "module:Class" that `[engine] name` stands for; ConfigError when it is neither a
+    registered name nor an import path."""
+    if name in ENGINES:
+        return ENGINES[name]
+    if IMPORT_PATH.fullmatch(name):
+        return name
+    raise ConfigError(f"[engine] name={name!r} is unknown; choose one of {sorted(ENGINES)} or give "
+                      "module:Class on the Python path")
 
 
 def create_engine(name: str, options: Mapping[str, Any] | None = None) -> Engine:
-    """Import and construct the engine registered under `name` (may take minutes for an LLM)."""
-    if name not in ENGINES:
-        raise ConfigError(f"engine.name={name!r} is unknown; choose one of {sorted(ENGINES)}")
-    module_name, _, cls_name = ENGINES[name].partition(":")
+    """Import and construct the engine `name` stands for (may take minutes for an LLM)."""
+    path = engine_path(name)
+    module_name, _, cls_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"engine {name!r} ({ENGINES[name]}) cannot be imported: {e}") from e
+        raise ConfigError(f"engine {name!r} ({path}) cannot be imported: {e}") from e
     return cls(**dict(options or {}))

@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--silos", type=int, default=4,
                     help="silo daemons, named silo-a, silo-b, ... (default: %(default)s)")
     de.add_argument("--archs", default=None,
-                    help="comma-separated SLM architectures cycled over the silos: minilm, mpnet4, tiny "
-                         "(default: the config's archs)")
+                    help="comma-separated SLM architectures cycled over the silos: minilm, mpnet4, or a "
+                         "module:attribute model family (default: the config's archs)")
     de.add_argument("--rounds", type=int, default=None, help="rounds per silo (default: the config's rounds)")
     de.add_argument("--llm-eval-texts", type=int, default=None,
                     help="zero-shot test texts per LLM measurement, 0 = all (default: 100, --quick 40)")

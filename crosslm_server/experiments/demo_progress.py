@@ -31,6 +31,12 @@ SERVER_EVENTS: dict[str, Callable[[dict], str]] = {
 }
 
 
+
+def arch_label(arch: str) -> str:
+    """How a silo's architecture is shown: its name, or an import path's attribute in lower case
+    (``fakes.tiny_slm:TINY`` -> ``tiny``)."""
+    return arch.rpartition(":")[2].lower()
+
 def describe(status: dict[str, Any]) -> str:
     """One silo daemon's status.json in words."""
     phase, r, n = status.get("phase"), status.get("round", 0), status.get("rounds", 0)
@@ -70,7 +76,7 @@ class Progress:
         self.last: dict[str, str] = {}
         self.server_failure = ""  # set when /readyz says the engine failed to load
         self.next_http = 0.0
-        self.width = max(len(f"{n} ({a})") for n, a in layout.archs.items())
+        self.width = max(len(f"{n} ({arch_label(a)})") for n, a in layout.archs.items())
 
     def update(self, *, final: bool = False) -> None:
         """Print what moved on; ``final`` polls the server now (its last state, e.g. every round
@@ -80,7 +86,7 @@ class Progress:
                 status = json.loads((self.layout.out / name / "status.json").read_text())
             except (OSError, ValueError):
                 continue
-            self._say(name, f"{name} ({arch})", describe(status))
+            self._say(name, f"{name} ({arch_label(arch)})", describe(status))
         if final or time.monotonic() >= self.next_http:
             self.next_http = time.monotonic() + self.http_every_s
             line, detail = self._server()

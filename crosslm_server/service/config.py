@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from crosslm_server.engines.api import ENGINES
+from crosslm_server.engines.api import ENGINES, IMPORT_PATH
 
 MiB = 1024 * 1024
 StoreKind = Literal["sqlite", "memory"]
@@ -141,12 +141,12 @@ class StoreSection:
 
 @dataclass(frozen=True)
 class EngineSection:
-    name: str = "tiny"                  # engine registry name: "tiny" (tests) or "crosslm" (the real round)
+    name: str = "crosslm"               # "crosslm" (the real round) or module:Class (tests/fakes: test engines)
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the engine's constructor
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise _bad("engine", "name", self.name, str(sorted(ENGINES)))
+        if self.name not in ENGINES and not IMPORT_PATH.fullmatch(self.name):
+            raise _bad("engine", "name", self.name, f"{sorted(ENGINES)} or module:Class")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A miniature engine for tests and soak runs (`[engine] name = "tiny"`).
+"""A miniature engine for tests and soak runs (`[engine] name = "fakes.tiny_engine:TinyEngine"`).
 
 It walks the round's shape without an LLM: "generates" texts from templates, scores them
 with the mean of every peer SLM's probabilities, pseudo-labels them, fine-tunes the

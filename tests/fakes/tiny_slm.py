@@ -1,6 +1,6 @@
 """A tiny random BERT classifier with the same surface as crosslm_shared.slm's SLM.
 
-Used by tests and dry runs (`arch = "tiny"`): it trains in milliseconds on 2 cores and
+Used by tests (`[silo] arch = "fakes.tiny_slm:TINY"`, `TinyFamily` below): it trains in milliseconds on 2 cores and
 produces a real `save_pretrained` folder (config.json, model.safetensors, tokenizer files,
 crosslm.json), so everything downstream (bundle, upload, round, download) is exercised.
 The vocabulary is a fixed word list, never built from private data.
@@ -92,3 +92,41 @@ def load_tiny(folder: Path) -> TinySLM:
     tok = BertTokenizerFast.from_pretrained(folder)
     return TinySLM(model, tok, meta["labels"], temperature=meta.get("temperature", 1.0),
                    arch=meta.get("arch", "tiny"))
+
+
+class TinyFamily:
+    """The daemon's model family for `[silo] arch = "fakes.tiny_slm:TINY"` (crosslm_client.models)."""
+
+    name = "tiny"
+
+    def train_new(self, config, train, held, *, work_dir: Path) -> TinySLM:
+        from tqdm import tqdm
+
+        t = config.train
+        model = new_tiny_slm(list(config.silo.labels), seed=config.silo.seed, tokenizer_dir=work_dir / "tokenizer")
+        with tqdm(total=len(train[0]) * t.epochs, desc=f"training {config.silo.name}", unit="ex") as bar:
+            model.train(*train, epochs=t.epochs, lr=t.lrs[0], batch_size=t.batch_size, progress=bar)
+        return model
+
+    def continue_and_choose(self, config, current, returned, train, held, synthetic=None):
+        from crosslm_client.models import keep_better
+
+        t = config.train
+        if t.continue_epochs:
+            returned.train(*train, epochs=t.continue_epochs, lr=t.lrs[0], batch_size=t.batch_size)
+        chosen, info = keep_better(current, returned, held)
+        if info["adopted"]:
+            self.calibrate(config, chosen, held)
+        return chosen, info
+
+    def load(self, config, folder: Path) -> TinySLM:
+        return load_tiny(folder)
+
+    def calibrate(self, config, model: TinySLM, held) -> float:
+        from crosslm_client.models import grid_temperature
+
+        model.temperature = grid_temperature(model, *held)
+        return model.temperature
+
+
+TINY = TinyFamily()

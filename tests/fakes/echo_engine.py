@@ -1,4 +1,4 @@
-"""An engine that hands the submitted SLM back unchanged (`[engine] name = "echo"`).
+"""An engine that hands the submitted SLM back unchanged (`[engine] name = "fakes.echo_engine:EchoEngine"`).
 
 For transfer benchmarks and soak runs: the round costs nothing and imports no ML stack.
 """
