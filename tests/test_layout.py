@@ -61,3 +61,19 @@ def test_no_module_is_over_the_line_limit():
     long = {_rel(p): n for p in _modules(SERVER) + _modules(ROOT / "crosslm_client") + _modules(ROOT / "shared")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these modules (over {MAX_LINES} lines)"
+
+
+@pytest.mark.parametrize("argv", [
+    ["study", "--config", str(ROOT / "examples" / "rt-4silo.toml"), "--out", "{tmp}/study", "--seeds", "1",
+     "--summary-only"],
+    ["demo-report", "silo-a={tmp}/no-such-silo", "--out", "{tmp}/report"],
+], ids=["study --summary-only", "demo-report"])
+def test_commands_that_only_read_files_import_no_torch(tmp_path, argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom crosslm_server.experiments.cli import main\n"
+            f"rc = main({[a.replace('{tmp}', str(tmp_path)) for a in argv]!r})\n"
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["False", "1"], out.stdout + out.stderr  # 1: nothing finished / no reports

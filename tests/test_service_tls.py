@@ -188,17 +188,21 @@ def test_the_daemon_runs_a_round_over_mtls(server, certs, tmp_path):
     assert main(["run", "--config", str(cfg)]) == 3  # a silo-b certificate may not upload silo a's model
 
 
-def test_the_daemon_without_its_key_file_exits_2_naming_it(server, certs, tmp_path, caplog):
+def _daemon_exit(tmp_path, server, *, ca, cert, key) -> int:
+    """The exit code of the silo-a daemon run over mTLS with these files."""
     from test_client_daemon import write_silo
 
     from crosslm_client.cli import main
 
-    ours, _ = certs
-    cert, _ = ours.silos["a"]
     cfg = write_silo(tmp_path, server, "a")
-    cfg.write_text(cfg.read_text().replace("plaintext_dev_mode = true\n", f'ca = "{ours.ca}"\ncert = "{cert}"\n'
-                                           f'key = "{tmp_path / "gone.key"}"\n'))
-    assert main(["run", "--config", str(cfg)]) == 2
+    cfg.write_text(cfg.read_text().replace("plaintext_dev_mode = true\n", f'ca = "{ca}"\ncert = "{cert}"\n'
+                                           f'key = "{key}"\nserver_name = "localhost"\n'))
+    return main(["run", "--config", str(cfg)])
+
+
+def test_the_daemon_without_its_key_file_exits_2_naming_it(server, certs, tmp_path, caplog):
+    ours, _ = certs
+    assert _daemon_exit(tmp_path, server, ca=ours.ca, cert=ours.silos["a"][0], key=tmp_path / "gone.key") == 2
     assert "[server] key file" in caplog.text and "gone.key" in caplog.text
 
 
@@ -234,13 +238,6 @@ def test_a_server_that_is_down_is_still_retried_as_unreachable(certs):
 
 
 def test_the_daemon_with_a_certificate_from_another_ca_exits_with_the_identity_code(server, certs, tmp_path):
-    from test_client_daemon import write_silo
-
-    from crosslm_client.cli import main
-
     ours, theirs = certs
     cert, key = theirs.silos["a"]
-    cfg = write_silo(tmp_path, server, "a")
-    cfg.write_text(cfg.read_text().replace("plaintext_dev_mode = true\n", f'ca = "{ours.ca}"\ncert = "{cert}"\n'
-                                           f'key = "{key}"\nserver_name = "localhost"\n'))
-    assert main(["run", "--config", str(cfg)]) == 3
+    assert _daemon_exit(tmp_path, server, ca=ours.ca, cert=cert, key=key) == 3

@@ -59,7 +59,10 @@ def cmd_study(args: argparse.Namespace) -> int:
                         cache_dir=Path(args.cache) if args.cache else None, run=not args.summary_only)
     print(f"\nstudy: {Path(args.out) / 'study.md'}\n")
     print((Path(args.out) / "study.md").read_text())
-    return EXIT_OK if summary["arms"]["crosslm"]["n"] else EXIT_ERROR
+    if not summary["arms"]["crosslm"]["n"]:
+        log.error("no crosslm run has finished in %s yet (seeds %s)", args.out, seeds)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:

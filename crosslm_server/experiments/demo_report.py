@@ -60,8 +60,9 @@ def build_report(silo_dirs: dict[str, Path], *, rounds: int, header: dict[str, A
     base = None
     for name, folder in silo_dirs.items():
         reps = load_silo_reports(folder)
-        if len(reps) < rounds:
-            raise DemoReportError(f"{name} wrote {len(reps)} of {rounds} round reports in {folder / 'reports'}")
+        if not reps or len(reps) < rounds:
+            raise DemoReportError(f"{name} wrote {len(reps)} of {max(rounds, 1)} round reports in "
+                                  f"{folder / 'reports'}: did its daemon run a round?")
         if "test_accuracy_before" not in reps[0]:
             raise DemoReportError(f"{name}'s reports carry no test accuracy: its config lacks [silo] test_data")
         first = reps[0]

@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 
 
 def study_plots(summary: dict, out: Path) -> list[str]:
+    if not any(s["n"] for s in summary["arms"].values()):  # nothing has finished yet: nothing to draw
+        return []
     paths = [_arms(summary, out / "study_arms.png"), _per_silo(summary, out / "study_per_silo.png")]
     if summary["curves"]:
         paths.append(_curves(summary, out / "study_rounds.png"))

@@ -10,27 +10,12 @@ task (docs/results.md, "Ablations against the soft-label protocol": RT −2.1 [�
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from crosslm_shared.errors import ConfigError
 from crosslm_shared.slm import SLM, SLMTrainConfig, fit
-
-
-@dataclass(frozen=True)
-class EnhanceConfig:
-    labels: Literal["hard", "soft"] = "hard"
-    soft_mix: float = 0.5  # soft target = mix·one_hot(y) + (1 − mix)·ensemble
-    lr: float = 5e-5
-    epochs: int = 2
-
-    def __post_init__(self) -> None:
-        if self.labels not in ("hard", "soft"):
-            raise ConfigError(f"enhance.labels = {self.labels!r}; use 'hard' or 'soft'")
-        if not 0 <= self.soft_mix <= 1:
-            raise ConfigError(f"enhance.soft_mix = {self.soft_mix}; must be in [0, 1]")
+from crosslm_server.method.config import EnhanceConfig
 
 
 def targets(labels: Sequence[int], probs: np.ndarray, cfg: EnhanceConfig) -> np.ndarray:

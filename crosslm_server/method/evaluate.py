@@ -11,7 +11,6 @@ SLM accuracy is :meth:`crosslm_shared.slm.SLM.evaluate` on each silo's test spli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,17 +23,6 @@ from crosslm_server.method.reward import auc
 from crosslm_shared import assets
 from crosslm_shared.slm import SLM, balanced_accuracy
 from crosslm_shared.tasks import TaskSpec
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    n_ppl_docs: int = 40  # documents of the general corpus for perplexity
-    ppl_max_tokens: int = 256
-    batch_size: int = 16
-    judge_per_label: int = 48  # generations per label judged before and after
-    judge_arch: str = "minilm"  # the judge's SLM architecture (or a model folder)
-    judge_lr: float = 1e-4
-    judge_epochs: int = 2
 
 
 @torch.no_grad()

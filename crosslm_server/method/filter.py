@@ -10,49 +10,11 @@ duplicates dropped, classes balanced.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from crosslm_shared.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    enabled: bool = True  # off = keep every text within the length bounds (ablation)
-    top_fraction: float = 0.5  # q: keep the top q of each label's agreeing texts by S(y|x)
-    min_score: float = 0.0  # τ: absolute floor on S(y|x)
-    # how "the SLMs assign the text to its label" is decided: "argmax" of the ensemble, or
-    # "prior_corrected": S(y|x) at least the mean of S(y|·) over the round's texts. Label-skewed
-    # silos give an ensemble that answers one label for everything: with argmax the filter kept
-    # 0 of 64 (measured, rt-4silo round 1); prior correction removes that bias.
-    agreement: Literal["argmax", "prior_corrected", "none"] = "prior_corrected"
-    min_words: int = 3
-    max_words: int = 60
-    near_dup_ngram: int = 3  # near duplicates: Jaccard of word n-grams ...
-    near_dup_threshold: float = 0.7  # ... at or above this
-    balance: bool = True  # cut every label to the smallest label's count
-    # the LLM's own judgement: the kept set and the soft labels use (1 − w)·the SLM ensemble +
-    # w·the LLM's label-word distribution after the classification prompt, centred over the
-    # round's texts (its label prior removed). The rewards of the LLM's update stay the SLMs'.
-    # Measured on RT seed 0's 192 CrossLM samples, against the judge: the SLM reward's AUC for
-    # on-label texts 0.64, the untouched LLM's centred score 0.82 (top half by it: 89.6 %
-    # on-label, by the SLMs 81.2 %, all 75.0 %). 0 = the SLMs alone. "auto": per batch, by how
-    # well each scorer predicts the labels the texts were generated for (reward.auto_llm_weight):
-    # 0.5 helped on RT and hurt on SMS spam, where the LLM knows little and the SLMs much
-    llm_weight: float | str = 0.0
-
-    def __post_init__(self) -> None:
-        if self.agreement not in ("argmax", "prior_corrected", "none"):
-            raise ConfigError(f"filter.agreement = {self.agreement!r}; use argmax, prior_corrected or none")
-        if self.llm_weight != "auto" and not (isinstance(self.llm_weight, (int, float))
-                                              and not isinstance(self.llm_weight, bool) and 0 <= self.llm_weight <= 1):
-            raise ConfigError(f"filter.llm_weight = {self.llm_weight!r}; must be in [0, 1] or \"auto\"")
-        if not 0 < self.top_fraction <= 1:
-            raise ConfigError(f"filter.top_fraction = {self.top_fraction}; must be in (0, 1]")
-        if self.min_words < 1 or self.max_words < self.min_words:
-            raise ConfigError(f"filter.min_words/max_words = {self.min_words}/{self.max_words}; need 1 <= min <= max")
+from crosslm_server.method.config import FilterConfig
 
 
 def _norm(text: str) -> str:

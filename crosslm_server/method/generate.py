@@ -19,7 +19,7 @@ import math
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from crosslm_server.method.llm import LLM
 from crosslm_server.method.prompts import generation_prompt
 from crosslm_shared.errors import ConfigError, CrossLMError
 from crosslm_shared.tasks import TaskSpec
+from crosslm_server.method.config import GenerateConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +38,6 @@ log = logging.getLogger(__name__)
 # sentence stop starts at their 90th percentile (measured on RT, SMS and TREC: docs/engine.md)
 AUTO_CAP_QUANTILE, AUTO_CAP_FACTOR, AUTO_SENTENCE_QUANTILE, AUTO_MIN_TOKENS = 99, 1.5, 90, 16
 ENDS = ("close", "newline", "sentence", "eos", "cap")
-
-
-def _positive_or_auto(value, name: str, *, zero_ok: bool) -> None:
-    if value == "auto":
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
-        raise ConfigError(f"generate.{name} = {value!r}; must be an integer >= {0 if zero_ok else 1} or \"auto\"")
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Sampling settings (DESIGN.md §2 step 1). The defaults are the method as first written
-    (cap 64, stop at the closing mark only, truncated texts kept); the example configs end
-    generations as the real texts end (docs/engine.md)."""
-
-    per_label: int = 32  # samples per label per round
-    batch_size: int = 16
-    max_new_tokens: int | str = 64  # the cap; "auto": 1.5 x the 99th percentile of the real texts' token lengths
-    top_p: float = 0.9
-    temperature: float = 1.0
-    stop_at_newline: bool = False  # the tasks' texts are single lines (data.load_examples joins lines)
-    # 0: off; N: once N tokens are generated, stop at the next sentence end (. ! ? or a symbol such
-    # as an emoji, which ends many text messages); "auto": the real texts' 90th percentile length
-    sentence_stop: int | str = 0
-    # what happens to a text that hit the cap before it ended: "keep" it as cut, "repair" it (cut
-    # back to its last sentence end; dropped if it has none) or "drop" it, before it is scored
-    truncated: Literal["keep", "repair", "drop"] = "keep"
-
-    def __post_init__(self) -> None:
-        if self.per_label < 1 or self.batch_size < 1:
-            raise ConfigError("generate.per_label, batch_size and max_new_tokens must be >= 1")
-        _positive_or_auto(self.max_new_tokens, "max_new_tokens", zero_ok=False)
-        _positive_or_auto(self.sentence_stop, "sentence_stop", zero_ok=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"generate.top_p = {self.top_p}; must be in (0, 1]")
-        if self.truncated not in ("keep", "repair", "drop"):
-            raise ConfigError(f"generate.truncated = {self.truncated!r}; use keep, repair or drop")
 
 
 @dataclass(frozen=True)

@@ -19,26 +19,9 @@ from crosslm_shared import assets
 from crosslm_shared.atomic import atomic_dir
 from crosslm_shared.slm import device as torch_device
 from crosslm_shared.errors import ConfigError
+from crosslm_server.method.config import LLMConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """Which LLM the server hosts and how its LoRA adapter is shaped."""
-
-    model: str = "smollm2-135m"  # "smollm2-135m" (offline package) or a causal-LM folder
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
-    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-
-    def __post_init__(self) -> None:
-        if self.lora_r < 1:
-            raise ConfigError(f"llm.lora_r = {self.lora_r}; must be >= 1")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"llm.dtype = {self.dtype!r}; use auto, float32 or bfloat16")
 
 
 def _dtype(cfg: LLMConfig) -> torch.dtype:

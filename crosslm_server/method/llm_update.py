@@ -29,38 +29,8 @@ from tqdm.auto import tqdm
 
 from crosslm_server.method.llm import LLM
 from crosslm_server.method.prompts import label_logits, pad_right, shared_prefix, shared_prefix_forward, verbalizer_ids
-from crosslm_shared.errors import ConfigError
 from crosslm_shared.tasks import TaskSpec
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    gamma_gen: float = 1.0  # γ1: reward-weighted generation loss (0 = ablation "no reward loss")
-    gamma_task: float = 0.3  # γ2: label-word task loss (0 = ablation "no task loss")
-    gamma_kl: float = 0.1  # γ3: KL to the frozen base (0 = ablation "no KL")
-    lr: float = 3e-4
-    epochs: int = 1
-    batch_size: int = 8
-    max_length: int = 160  # prompt + text tokens per training sequence
-    task_centering: bool = True  # L_task on label logits centred over the step's samples (bias-blind)
-    # γ4: anchor the label prior. The centred L_task is blind to the LLM's label prior, so nothing
-    # holds it: on RT seed 0 (2026-12-02) "negative" answers went 58 → 19 % in two rounds, raw
-    # zero-shot 77.0 → 69.3 %. L_prior = squared shift of the mean label-word logits on the
-    # step's kept texts against the frozen base, centred across labels. 0 = off
-    gamma_prior: float = 0.0
-    # the reward behind the generation loss: "slms", the seed's r = 2·S(y|x) − 1 from the silos'
-    # SLMs; or "judged", the same from what the filter judges with (the SLMs mixed with the
-    # LLM's centred judgement at filter.llm_weight): where the SLMs know the labels (SMS spam) it
-    # is nearly theirs, where they are near chance (RT) mostly the LLM's own
-    reward: str = "slms"
-
-    def __post_init__(self) -> None:
-        if min(self.gamma_gen, self.gamma_task, self.gamma_kl, self.gamma_prior) < 0:
-            raise ConfigError("update.gamma_* must be >= 0")
-        if self.reward not in ("slms", "judged"):
-            raise ConfigError(f"round.update.reward = {self.reward!r}; use 'slms' or 'judged'")
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("update.lr must be > 0, update.epochs and update.batch_size >= 1")
+from crosslm_server.method.config import UpdateConfig
 
 
 @dataclass(frozen=True)
