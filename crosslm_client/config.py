@@ -4,13 +4,13 @@ Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.plugins import is_import_path
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 BUILTIN_ARCHS = ("minilm", "mpnet4")  # else "module:attribute", a model family (crosslm_client.models)
@@ -41,7 +41,7 @@ class SiloSection:
             raise _bad("silo", "labels", list(self.labels), "at least two distinct label names")
         if not 0.05 <= self.heldout_fraction <= 0.5:
             raise _bad("silo", "heldout_fraction", self.heldout_fraction, "0.05..0.5")
-        if self.arch not in BUILTIN_ARCHS and not re.fullmatch(r"[\w.]+:\w+", self.arch):
+        if self.arch not in BUILTIN_ARCHS and not is_import_path(self.arch):
             raise _bad("silo", "arch", self.arch, f"{' or '.join(BUILTIN_ARCHS)}, or module:attribute naming a model family")
 
 

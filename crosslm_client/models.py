@@ -8,7 +8,6 @@ a `temperature`.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +16,8 @@ import numpy as np
 
 from crosslm_client.config import BUILTIN_ARCHS, SiloConfig
 from crosslm_client.data import Examples
-from crosslm_shared.errors import AssetMissingError, ConfigError
+from crosslm_shared.errors import AssetMissingError
+from crosslm_shared.plugins import import_object
 
 
 class Family(Protocol):
@@ -93,12 +93,8 @@ def family(config: SiloConfig) -> Family:
     arch = config.silo.arch
     if arch in BUILTIN_ARCHS:
         return SharedFamily(arch)
-    module, _, attr = arch.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"[silo] arch={arch!r} cannot be imported: {e}; use one of {list(BUILTIN_ARCHS)} "
-                          "or module:attribute on the Python path") from e
+    return import_object(arch, what=f"[silo] arch={arch!r}",
+                         hint=f"; use one of {list(BUILTIN_ARCHS)} or module:attribute on the Python path")
 
 
 def grid_temperature(model: Any, texts: Sequence[str], ys: Sequence[int]) -> float:

@@ -8,14 +8,13 @@ Options from `[engine.options]` are passed as keyword arguments.
 """
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.plugins import import_object, is_import_path
 
 Emit = Callable[[str, Mapping[str, Any]], None]
 
@@ -67,15 +66,12 @@ class Engine(Protocol):
 ENGINES: dict[str, str] = {
     "crosslm": "crosslm_server.engines.crosslm:CrossLMEngine",
 }
-IMPORT_PATH = re.compile(r"[\w.]+:\w+")
-
-
 def engine_path(name: str) -> str:
     """The "module:Class" that `[engine] name` stands for; ConfigError when it is neither a
     registered name nor an import path."""
     if name in ENGINES:
         return ENGINES[name]
-    if IMPORT_PATH.fullmatch(name):
+    if is_import_path(name):
         return name
     raise ConfigError(f"[engine] name={name!r} is unknown; choose one of {sorted(ENGINES)} or give "
                       "module:Class on the Python path")
@@ -84,9 +80,5 @@ def engine_path(name: str) -> str:
 def create_engine(name: str, options: Mapping[str, Any] | None = None) -> Engine:
     """Import and construct the engine `name` stands for (may take minutes for an LLM)."""
     path = engine_path(name)
-    module_name, _, cls_name = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"engine {name!r} ({path}) cannot be imported: {e}") from e
+    cls = import_object(path, what=f"engine {name!r} ({path})")
     return cls(**dict(options or {}))

@@ -9,7 +9,6 @@ the silos' private data and the public test sets (`crosslm-client prepare-demo`,
 from __future__ import annotations
 
 import json
-import re
 import logging
 import secrets
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.plugins import is_import_path
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def prepare(settings: DemoSettings) -> Layout:
     config = Path(settings.config).resolve()
     cfg = load_config(config, overrides)
     archs = settings.archs or cfg.archs
-    bad = [a for a in archs if a not in SILO_ARCHS and not re.fullmatch(r"[\w.]+:\w+", a)]
+    bad = [a for a in archs if a not in SILO_ARCHS and not is_import_path(a)]
     if bad:
         raise ConfigError(f"silo architecture(s) {bad} cannot run in the silo daemon; use --archs with "
                           f"{', '.join(SILO_ARCHS)}")

@@ -11,7 +11,8 @@ from typing import Any, Literal, get_args
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from crosslm_server.engines.api import ENGINES, IMPORT_PATH
+from crosslm_server.engines.api import ENGINES
+from crosslm_shared.plugins import is_import_path
 
 MiB = 1024 * 1024
 StoreKind = Literal["sqlite", "memory"]
@@ -145,7 +146,7 @@ class EngineSection:
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the engine's constructor
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES and not IMPORT_PATH.fullmatch(self.name):
+        if self.name not in ENGINES and not is_import_path(self.name):
             raise _bad("engine", "name", self.name, f"{sorted(ENGINES)} or module:Class")
 
 
