@@ -171,14 +171,34 @@ def _take(pool: list[int], n: int) -> list[int]:
     return out
 
 
-def _dirichlet_counts(rng: np.random.Generator, n: int, k: int, alpha: float, min_per_label: int) -> list[int]:
+def _dirichlet_counts(rng: np.random.Generator, n: int, k: int, alpha: float, min_per_label: int,
+                      available: list[int]) -> list[int]:
+    """Label counts for one silo's private draw: ``min_per_label`` each, the rest by a Dirichlet
+    mix. A label the mix asks more of than is left (TREC's ABBR: 86 of 5,452) gives all it has,
+    and the shortfall is drawn again over the labels that have examples left, in the same mix:
+    the silo keeps its size and its skew, as a real silo short of one kind of record would."""
     base = [min_per_label] * k
     rest = n - min_per_label * k
     if rest < 0:
         raise ConfigError(f"split.n_private = {n} is smaller than min_per_label * labels = {min_per_label * k}")
+    short = [lab for lab in range(k) if available[lab] < min_per_label]
+    if short:
+        raise ConfigError(f"split.min_per_label = {min_per_label} but label {short[0]} has only "
+                          f"{available[short[0]]} examples left; lower split.n_private or split.min_per_label")
     p = rng.dirichlet([alpha] * k)
-    extra = rng.multinomial(rest, p)
-    return [b + int(e) for b, e in zip(base, extra)]
+    counts = [b + int(e) for b, e in zip(base, rng.multinomial(rest, p))]
+    while True:
+        shortfall = sum(max(0, c - a) for c, a in zip(counts, available))
+        if shortfall == 0:
+            return counts
+        counts = [min(c, a) for c, a in zip(counts, available)]
+        room = np.array([a - c for c, a in zip(counts, available)], dtype=float)
+        if room.sum() < shortfall:
+            raise ConfigError(f"the split asks for {n} private examples per silo but only "
+                              f"{sum(available)} are left; lower split.n_private or split.n_test")
+        weights = np.where(room > 0, p, 0.0)
+        weights = weights / weights.sum() if weights.sum() > 0 else (room > 0) / (room > 0).sum()
+        counts = [c + int(e) for c, e in zip(counts, rng.multinomial(shortfall, weights))]
 
 
 def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: int) -> Split:
@@ -201,12 +221,10 @@ def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: i
             for i in private_idx:
                 by_label[examples.labels[i]].remove(i)
         else:
-            counts = _dirichlet_counts(rng, cfg.n_private, num_labels, cfg.alpha, cfg.min_per_label)
+            counts = _dirichlet_counts(rng, cfg.n_private, num_labels, cfg.alpha, cfg.min_per_label,
+                                       [len(pool) for pool in by_label])
             private_idx = []
             for lab, c in enumerate(counts):
-                if c > len(by_label[lab]):
-                    raise ConfigError(f"silo {s} needs {c} examples of label {lab}; only {len(by_label[lab])} "
-                                      "are left; lower split.n_private or raise split.alpha")
                 private_idx += by_label[lab][:c]
                 del by_label[lab][:c]
             taken = set(private_idx)

@@ -90,3 +90,21 @@ def test_every_silo_test_split_follows_the_global_label_mix(tmp_path):
     for seed in range(5):
         for silo in split_task(ex, 3, cfg, seed=seed).silos:
             assert min(silo.test.label_counts(3)) >= 2, (seed, silo.name, silo.test.label_counts(3))
+
+
+def test_a_rare_label_gives_what_it_has_and_the_silo_keeps_its_size(tmp_path):
+    """TREC's ABBR (86 of 5,452) ran out under a skewed draw and the split refused; now the silo
+    takes what is left of it and draws the rest over the other labels."""
+    from conftest import write_task
+
+    full = load_examples(load_task(write_task(tmp_path, n_per_label=200)))
+    keep = [i for i, y in enumerate(full.labels) if y != 0] + [i for i, y in enumerate(full.labels) if y == 0][:30]
+    ex = full.subset(keep)
+    cfg = SplitConfig(n_silos=4, n_private=40, n_test=5, n_llm_test=5, n_judge=5, alpha=0.1, min_per_label=0)
+    for seed in range(10):
+        silos = split_task(ex, 3, cfg, seed=seed).silos
+        assert all(len(s.train) + len(s.val) == 40 for s in silos)
+        assert sum(s.train.label_counts(3)[0] + s.val.label_counts(3)[0] for s in silos) <= 30
+    with pytest.raises(ConfigError, match="lower split.n_private"):
+        split_task(ex, 3, SplitConfig(n_silos=4, n_private=120, n_test=5, n_llm_test=5, n_judge=5, alpha=0.1,
+                                      min_per_label=0), seed=0)
