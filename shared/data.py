@@ -173,18 +173,15 @@ def _take(pool: list[int], n: int) -> list[int]:
 
 def _dirichlet_counts(rng: np.random.Generator, n: int, k: int, alpha: float, min_per_label: int,
                       available: list[int]) -> list[int]:
-    """Label counts for one silo's private draw: ``min_per_label`` each, the rest by a Dirichlet
-    mix. A label the mix asks more of than is left (TREC's ABBR: 86 of 5,452) gives all it has,
-    and the shortfall is drawn again over the labels that have examples left, in the same mix:
-    the silo keeps its size and its skew, as a real silo short of one kind of record would."""
-    base = [min_per_label] * k
-    rest = n - min_per_label * k
-    if rest < 0:
+    """Label counts for one silo's private draw: ``min_per_label`` of each label that has them
+    left, the rest by a Dirichlet mix. A label the mix asks more of than is left (TREC's ABBR: 86
+    of 5,452) gives all it has, and the shortfall is drawn again over the labels that have examples
+    left, in the same mix: the silo keeps its size and its skew, as a real silo short of one kind
+    of record would."""
+    if n < min_per_label * k:
         raise ConfigError(f"split.n_private = {n} is smaller than min_per_label * labels = {min_per_label * k}")
-    short = [lab for lab in range(k) if available[lab] < min_per_label]
-    if short:
-        raise ConfigError(f"split.min_per_label = {min_per_label} but label {short[0]} has only "
-                          f"{available[short[0]]} examples left; lower split.n_private or split.min_per_label")
+    base = [min(min_per_label, a) for a in available]
+    rest = n - sum(base)
     p = rng.dirichlet([alpha] * k)
     counts = [b + int(e) for b, e in zip(base, rng.multinomial(rest, p))]
     while True:
