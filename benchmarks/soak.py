@@ -82,7 +82,7 @@ def write_silo(root: Path, certs: Path, name: str, grpc_port: int, rounds: int) 
     config.write_text(f'output_dir = "{name}-out"\n[silo]\nname = "{name}"\ntask = "rt"\nlabels = ["neg", "pos"]\n'
                       f'data = "{name}.jsonl"\narch = "fakes.tiny_slm:TINY"\nseed = 1\n[server]\naddress = "localhost:{grpc_port}"\n'
                       f'ca = "{certs / "ca.pem"}"\ncert = "{certs / (name + ".pem")}"\nkey = "{certs / (name + ".key")}"\n'
-                      f'max_attempts = 20\n[train]\nepochs = 1\nlrs = [0.001]\ncontinue_epochs = 1\n'
+                      f'max_attempts = 20\n[train]\nmax_epochs = 1\nlrs = [0.001]\ncontinue_epochs = 1\n'
                       f'[rounds]\ncount = {rounds}\n')
     return config
 

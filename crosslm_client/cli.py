@@ -14,7 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from crosslm_client.config import load_silo_config
+from crosslm_client.config import RoundsSection, ServerSection, load_silo_config
+from crosslm_shared.schema import flag_help
 from crosslm_client.transport import FATAL_AUTH, TransportError
 from crosslm_shared.errors import AssetMissingError, ConfigError, CrossLMError, DataError
 
@@ -27,12 +28,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="logging level (default: INFO)")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train, upload, wait for the enhanced SLM, evaluate; repeat")
-    r.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
-    r.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
-    r.add_argument("--rounds", type=int, default=None, help="override [rounds] count; 0 = forever (default: from file)")
+    r.add_argument("--config", type=Path, required=True, help="silo TOML file (examples/silo-a.toml; every key: docs/config.md)")
+    r.add_argument("--server", default=None, help=flag_help(ServerSection, "server", "address"))
+    r.add_argument("--rounds", type=int, default=None, help=flag_help(RoundsSection, "rounds", "count"))
     c = sub.add_parser("check", help="check certificate, key, CA, server address and data file; say what to fix")
-    c.add_argument("--config", type=Path, required=True, help="silo TOML file (see examples/silo-a.toml)")
-    c.add_argument("--server", default=None, help="override [server] address host:port (default: from file)")
+    c.add_argument("--config", type=Path, required=True, help="silo TOML file (examples/silo-a.toml; every key: docs/config.md)")
+    c.add_argument("--server", default=None, help=flag_help(ServerSection, "server", "address"))
     d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files and the public test files "
                                             "from a task's offline dataset")
     d.add_argument("--task", default="rotten_tomatoes", help="built-in task name or task TOML (default: rotten_tomatoes)")

@@ -29,6 +29,7 @@ from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
 from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
+from crosslm_shared.schema import as_table
 from crosslm_shared.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
             report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
             report |= {"arch": models.family(config).name, "n_train": len(train[0]), "n_heldout": len(held[0]),
                        "label_counts": _label_counts(s.labels, examples[1]),
-                       "train": {"lrs": list(config.train.lrs), "epochs": config.train.epochs,
-                                 "continue_epochs": config.train.continue_epochs}}
+                       "train": as_table(config.train)}
             (out / "reports" / f"round-{round_no:03d}.json").write_text(json.dumps(report, indent=2))
             reports.append(report)
             status("round done", round_no, outcome=report["outcome"], kept=report["kept"],

@@ -51,7 +51,7 @@ class SharedFamily:
     def train_new(self, config: SiloConfig, train: Examples, held: Examples, *, work_dir: Path) -> Any:
         slm = _slm_module()
         model, _info = slm.train_selected(self.name, list(config.silo.labels), train, held,
-                                          _train_cfg(slm, config, config.train.epochs), desc=f"{config.silo.name} SLM")
+                                          config.train.slm_config(seed=config.silo.seed), desc=f"{config.silo.name} SLM")
         return model
 
     def continue_and_choose(self, config: SiloConfig, current: Any, returned: Any, train: Examples, held: Examples,
@@ -64,7 +64,7 @@ class SharedFamily:
         t, slm = config.train, _slm_module()
         if t.continue_epochs == 0:
             return keep_better(current, returned, held)
-        return slm.adopt_if_better(current, returned, train, held, _train_cfg(slm, config, t.continue_epochs),
+        return slm.adopt_if_better(current, returned, train, held, t.slm_config(seed=config.silo.seed, epochs=t.continue_epochs),
                                    synthetic=synthetic, desc=f"{config.silo.name} SLM")
 
     def load(self, config: SiloConfig, folder: Path) -> Any:
@@ -81,11 +81,6 @@ def keep_better(current: Any, returned: Any, held: Examples) -> tuple[Any, dict]
     before, after = current.evaluate(*held), returned.evaluate(*held)
     return (returned if after >= before else current), {"adopted": after >= before, "val_acc_current": before,
                                                         "val_acc_returned": after}
-
-
-def _train_cfg(slm, config: SiloConfig, epochs: int):
-    t = config.train
-    return slm.SLMTrainConfig(lrs=t.lrs, max_epochs=epochs, batch_size=t.batch_size, seed=config.silo.seed)
 
 
 def family(config: SiloConfig) -> Family:

@@ -24,6 +24,7 @@ import numpy as np
 
 from crosslm_shared.assets import package_file
 from crosslm_shared.errors import ConfigError, DataError
+from crosslm_shared.schema import option
 from crosslm_shared.tasks import DataSource, TaskSpec
 
 
@@ -64,15 +65,15 @@ class Split:
 class SplitConfig:
     """How the task's pool is cut (see module docstring)."""
 
-    n_silos: int = 4
-    n_private: int = 128  # private examples per silo (train + val)
-    val_fraction: float = 0.25
-    n_test: int = 300  # reporting test examples per silo
-    n_llm_test: int = 400
-    n_judge: int = 1000
-    partition: Literal["iid", "dirichlet"] = "dirichlet"
-    alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
-    min_per_label: int = 2
+    n_silos: int = option(4, "silos")
+    n_private: int = option(128, "private examples per silo (train + validation)")
+    val_fraction: float = option(0.25, "share of each silo's private examples held out for validation")
+    n_test: int = option(300, "test examples per silo, for reports only")
+    n_llm_test: int = option(400, "the LLM's zero-shot test set")
+    n_judge: int = option(1000, "examples the judge (an SLM on data no silo holds) trains on")
+    partition: Literal["iid", "dirichlet"] = option("dirichlet", "how labels are spread over the silos")
+    alpha: float = option(0.5, "Dirichlet concentration; smaller = more label skew")
+    min_per_label: int = option(2, "each silo gets at least this many of every label that has them left")
 
     def __post_init__(self) -> None:
         if self.partition not in ("iid", "dirichlet"):

@@ -6,37 +6,36 @@ from dataclasses import dataclass
 from typing import Literal
 
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.schema import option
 
 
 @dataclass(frozen=True)
 class SLMTrainConfig:
     """How an SLM is trained; the same for every arm of a comparison."""
 
-    lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4)  # grid searched on the validation split
-    max_epochs: int = 4  # the best epoch (by validation accuracy) is kept
-    batch_size: int = 16
-    max_length: int = 64
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    seed: int = 0
-    # what selection (lr, epoch, keep-if-better) maximises on the validation split:
-    # "balanced_accuracy" (mean per-label recall) does not reward a label-skewed silo's
-    # model for answering its majority label
-    select_metric: Literal["accuracy", "balanced_accuracy"] = "balanced_accuracy"
-    # a label with fewer real validation examples than this is topped up with held-out
-    # synthetic examples of that label, when synthetic data came back: a silo that holds 2
-    # positives of 128 cannot otherwise tell a model that finds positives from one that never
-    # does (its validation split has no positive to miss). 0 = real validation only.
-    min_val_per_label: int = 8
-    # the loss weighs each label by n / (K · count), capped: a label-skewed silo's model
-    # otherwise learns to answer its majority label (part of tuning every arm honestly)
-    class_weighting: Literal["none", "balanced"] = "balanced"
-    max_class_weight: float = 10.0
-    # the classification head (new, random) and the pooler learn at lr × this; the pretrained
-    # encoder at lr. 48 examples give 9 steps in 3 epochs: at the encoder's learning rate a
-    # random head barely leaves chance (silo-only test accuracy 40-45 % on two RT silos).
-    # Measured with 20, silo-only mean over 4 RT silos: seed 0 53.0 → 53.9 %, seed 1 51.7 → 57.6 %
-    head_lr_mult: float = 20.0
+    lrs: tuple[float, ...] = option((5e-5, 1e-4, 2e-4), "learning rates tried; the best on the validation split wins")
+    max_epochs: int = option(4, "most epochs; the best epoch by validation score is kept")
+    batch_size: int = option(16, "training batch size")
+    max_length: int = option(64, "tokens per text (longer texts are cut)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_fraction: float = option(0.1, "share of the steps with a linear learning-rate warm-up")
+    seed: int = option(0, "seed of the initialisation and of the batch order")
+    # balanced accuracy (mean per-label recall) does not reward a label-skewed silo's model for
+    # answering its majority label
+    select_metric: Literal["accuracy", "balanced_accuracy"] = option(
+        "balanced_accuracy", "what selection (learning rate, epoch, keep-if-better) maximises on the validation split")
+    # a silo that holds 2 positives of 128 cannot otherwise tell a model that finds positives
+    # from one that never does (its validation split has no positive to miss)
+    min_val_per_label: int = option(
+        8, "a label with fewer real validation examples is topped up with held-out synthetic ones, when "
+           "synthetic data came back (0 = real validation only)")
+    # a label-skewed silo's model otherwise learns to answer its majority label
+    class_weighting: Literal["none", "balanced"] = option(
+        "balanced", "\"balanced\": the loss weighs each label by n / (K * count), capped at max_class_weight")
+    max_class_weight: float = option(10.0, "cap of a label's loss weight under balanced class weighting")
+    # 48 examples give 9 steps in 3 epochs: at the encoder's learning rate a random head barely
+    # leaves chance (docs/results.md, `slm.head_lr_mult`)
+    head_lr_mult: float = option(20.0, "the new classification head and the pooler learn at lr x this")
 
     def __post_init__(self) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):

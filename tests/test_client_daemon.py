@@ -21,7 +21,7 @@ def write_silo(tmp_path, server, name, *, rounds=1):
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'output_dir = "{name}-out"\n[silo]\nname = "{name}"\ntask = "rt"\nlabels = ["neg", "pos"]\n'
                    f'data = "{data.name}"\narch = "fakes.tiny_slm:TINY"\nseed = 1\n[server]\naddress = "{address(server)}"\n'
-                   f'max_attempts = 3\nbackoff_initial_s = 0.05\nplaintext_dev_mode = true\n[train]\nepochs = 2\nlrs = [0.001]\n'
+                   f'max_attempts = 3\nbackoff_initial_s = 0.05\nplaintext_dev_mode = true\n[train]\nmax_epochs = 2\nlrs = [0.001]\n'
                    f'[rounds]\ncount = {rounds}\n')
     return cfg
 

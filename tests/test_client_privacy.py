@@ -204,7 +204,7 @@ def test_no_canary_and_no_private_record_leaves_the_silo(tmp_path):
         cfg.write_text('output_dir = "out"\n[silo]\nname = "silo-p"\ntask = "rt"\nlabels = ["neg", "pos"]\n'
                        'data = "private.jsonl"\narch = "fakes.tiny_slm:TINY"\nseed = 1\n'
                        f'[server]\naddress = "127.0.0.1:{proxy.port}"\nplaintext_dev_mode = true\nmax_attempts = 3\n'
-                       'backoff_initial_s = 0.05\n[train]\nepochs = 2\nlrs = [0.001]\n[rounds]\ncount = 2\n')
+                       'backoff_initial_s = 0.05\n[train]\nmax_epochs = 2\nlrs = [0.001]\n[rounds]\ncount = 2\n')
         assert main(["run", "--config", str(cfg)]) == 0
     finally:
         proxy.close()

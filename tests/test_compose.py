@@ -258,5 +258,5 @@ def test_each_silo_trains_as_the_demo_config_says(silo):
 
     train = load_silo_config(ROOT / "docker" / f"{silo}.toml").train
     slm = load_config(ROOT / "examples" / "demo.toml").round.slm
-    assert (train.lrs, train.epochs, train.continue_epochs, train.batch_size) == \
+    assert (train.lrs, train.max_epochs, train.continue_epochs, train.batch_size) == \
         (tuple(slm.lrs), slm.max_epochs, slm.max_epochs, slm.batch_size)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from crosslm_client.config import load_silo_config
 from crosslm_server.experiments.demo import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DemoSettings, prepare
 from crosslm_server.experiments.demo_supervisor import run
 from crosslm_server.experiments.report import check_schema
+from crosslm_server.method.config import SIMULATE_ONLY, load_config, load_engine_config
 from crosslm_server.service.config import load_server_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +134,7 @@ def test_the_demo_configs_have_the_examples_shape(tmp_path, demo_config):
     ours = tomllib.loads(layout.server_toml.read_text())
     assert set(ours) == set(example) and set(ours["engine"]) == set(example["engine"])
     server = load_server_config(layout.server_toml)
+    cfg = load_config(demo_config, ["split.n_silos=2"])
     assert not server.server.plaintext_dev_mode and server.server.tls_ca == tmp_path / "run" / "certs" / "ca.pem"
     assert server.engine.name == "crosslm" and Path(server.engine.options["eval_data"]).is_file()
     for name in ("silo-a", "silo-b"):
@@ -140,6 +143,12 @@ def test_the_demo_configs_have_the_examples_shape(tmp_path, demo_config):
             set(tomllib.loads((ROOT / "examples" / f"{name}.toml").read_text()))
         assert silo.silo.data.is_file() and silo.silo.test_data.is_file() and silo.server.cert.is_file()
         assert silo.server.address == f"127.0.0.1:{layout.grpc_port}"
+        # the silo trains as the engine config's [round.slm] says, every setting of it
+        assert silo.train.slm_config(seed=cfg.seed) == replace(cfg.round.slm, seed=cfg.seed)
+    # the server's round settings: the config's, in a file that holds nothing the server ignores
+    engine = load_engine_config(server.engine.options["config"])
+    assert (engine.llm, engine.round, engine.eval) == (cfg.llm, cfg.round, cfg.eval)
+    assert not set(tomllib.loads(Path(server.engine.options["config"]).read_text())) & set(SIMULATE_ONLY)
     with pytest.raises(Exception, match="not empty"):
         prepare(_settings(demo_config, tmp_path / "run"))
 

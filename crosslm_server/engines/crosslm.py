@@ -29,7 +29,7 @@ import torch
 
 from crosslm_server.engines.adapters import AdapterStore
 from crosslm_server.engines.admission import check_slm
-from crosslm_server.method.config import load_config
+from crosslm_server.method.config import load_engine_config
 from crosslm_server.engines.api import Emit, RoundOutcome, RoundRequest
 from crosslm_server.method.evaluate import general_corpus, perplexity, zero_shot
 from crosslm_server.method.generate import Generation
@@ -59,7 +59,9 @@ class EvalSet:
 class CrossLMEngine:
     """Options (``[engine.options]`` in the server TOML):
 
-    - ``config``: a simulate-style TOML whose ``[llm]``, ``[round.*]`` and ``[eval]`` sections apply here;
+    - ``config``: the round's TOML (:class:`~crosslm_server.method.config.EngineConfig`: ``task``,
+      ``[llm]``, ``[round.*]``, ``[eval]``, ``continue_on``, ``synthetic_pool``); a simulate config
+      may stand in, and the server names the keys of it that it does not use;
     - ``tasks``: task names or TOML paths this server accepts (default the config's task);
     - ``adapters_dir``: where adapter versions live (default ``crosslm-data/adapters``);
     - ``synthetic_dir``: the task's synthetic pool (default ``synthetic`` beside ``adapters_dir``);
@@ -83,7 +85,7 @@ class CrossLMEngine:
             raise ConfigError(f"[engine.options] threads={threads} is invalid; use 0 (torch's choice) or more")
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = load_config(config, list(set or []))
+        self.cfg = load_engine_config(config, list(set or []))
         names = tasks or [self.cfg.task]
         self.tasks: dict[str, TaskSpec] = {}
         for name in names:

@@ -8,12 +8,11 @@ the silos' private data and the public test sets (`crosslm-client prepare-demo`,
 """
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import socket
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ class Layout:
     rounds: int
     grpc_port: int
     http_port: int
+    labels: tuple[str, ...] = ()          # the task's label names in class-index order
     header: dict[str, Any] = field(default_factory=dict)  # report.json's task, seed, config, settings
     operator_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # for /v1/submissions
 
@@ -101,10 +101,8 @@ def prepare(settings: DemoSettings) -> Layout:
     make_certs(out / "certs", server_hosts=[], silos=names)
     prepare_demo(cfg.task, out / "data", split=cfg.split, seed=cfg.seed, public_out=out / "data" / "public")
     layout = Layout(out, task.name, {n: archs[i % len(archs)] for i, n in enumerate(names)}, cfg.rounds,
-                    _free_port(), _free_port())
-    layout.server_toml.write_text(_server_toml(layout, config, cfg, settings))
-    for name in names:
-        layout.silo_toml(name).write_text(_silo_toml(layout, name, task, cfg, settings))
+                    _free_port(), _free_port(), labels=tuple(task.label_names))
+    _write_configs(layout, cfg, settings)
     header = report_header(cfg, config, task, demo={
         "silos": layout.archs, "rounds": cfg.rounds, "llm_eval_texts": settings.llm_eval_texts,
         "llm_eval_docs": settings.llm_eval_docs, "llm_eval_every": len(names),
@@ -127,77 +125,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(str(value)) if isinstance(value, (str, Path)) else repr(value)
+def _write_toml(path: Path, header: str, table: dict[str, Any]) -> None:
+    """A config file the daemons read: a comment naming what it is, then the table (tomli-w)."""
+    from crosslm_shared.schema import to_toml
+
+    path.write_text("".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + "\n" + to_toml(table))
 
 
-def _server_toml(layout: Layout, config: Path, cfg, settings: DemoSettings) -> str:
+def _write_configs(layout: Layout, cfg, settings: DemoSettings) -> None:
+    from crosslm_server.method.config import EngineConfig
+    from crosslm_shared.schema import as_table
+
     n_silos = len(layout.archs)
-    return f"""# `crosslm demo` server: the shape of examples/server.toml, on free localhost ports.
-# Relative paths are resolved against this file's folder.
-[server]
-grpc_host = "127.0.0.1"
-grpc_port = {layout.grpc_port}
-http_host = "127.0.0.1"
-http_port = {layout.http_port}
-operator_token = {_toml(layout.operator_token)}   # the demo's progress lines read /v1/submissions with it
-data_dir = "server"
-plaintext_dev_mode = false    # mTLS: silos present the certificates from certs/
-tls_cert = "certs/server.pem"
-tls_key = "certs/server.key"
-tls_ca = "certs/ca.pem"
-grace_s = 5                   # Ctrl-C: a round still running is dropped after 5 s (it would rerun on restart)
-log_level = "INFO"
-
-[store]
-kind = "sqlite"
-
-[engine]
-name = "crosslm"
-
-[engine.options]
-config = {_toml(config)}
-tasks = [{_toml(layout.task if Path(cfg.task).suffix != ".toml" else Path(cfg.task).resolve())}]
-eval_data = "data/public/llm-test.csv"   # the LLM's zero-shot test set: no silo holds these texts
-eval_texts = {settings.llm_eval_texts}
-eval_every = {n_silos}                     # measure the LLM once per round of the {n_silos} silos
-set = {_toml([*settings.sets, f"eval.n_ppl_docs={settings.llm_eval_docs}"])}
-"""
-
-
-def _silo_toml(layout: Layout, name: str, task, cfg, settings: DemoSettings) -> str:
-    slm = cfg.round.slm
-    return f"""# `crosslm demo` {name}: the shape of examples/silo-a.toml, on the demo's localhost port.
-# Relative paths are resolved against this file's folder.
-output_dir = {_toml(name)}
-
-[silo]
-name = {_toml(name)}
-task = {_toml(task.name)}
-labels = {_toml(task.label_names)}
-data = "data/{name}.csv"                      # private: never leaves this silo
-test_data = "data/public/{name}-test.csv"     # public test examples, for the reports only
-heldout_fraction = {cfg.split.val_fraction}
-seed = {cfg.seed}
-arch = {_toml(layout.archs[name])}
-
-[server]
-address = "127.0.0.1:{layout.grpc_port}"
-ca = "certs/ca.pem"
-cert = "certs/{name}.pem"
-key = "certs/{name}.key"
-
-[train]                                       # the engine config's [round.slm], as crosslm simulate trains
-epochs = {slm.max_epochs}
-lrs = {_toml(list(slm.lrs))}
-batch_size = {slm.batch_size}
-continue_epochs = {slm.max_epochs if settings.continue_epochs is None else settings.continue_epochs}
-
-[rounds]
-count = {layout.rounds}
-interval_s = 0
-"""
+    engine = as_table(cfg)
+    engine = {k: v for k, v in engine.items() if k in {f.name for f in fields(EngineConfig)}}
+    if Path(cfg.task).suffix == ".toml":
+        engine["task"] = str(Path(cfg.task).resolve())
+    _write_toml(layout.out / "engine.toml", "`crosslm demo` round settings: the config's task, [llm], [round.*] and [eval]\n"
+                "(crosslm_server.method.config.EngineConfig; every key: docs/config.md).", engine)
+    server = {
+        "server": {"grpc_host": "127.0.0.1", "grpc_port": layout.grpc_port, "http_host": "127.0.0.1",
+                   "http_port": layout.http_port, "operator_token": layout.operator_token, "data_dir": "server",
+                   "plaintext_dev_mode": False, "tls_cert": "certs/server.pem", "tls_key": "certs/server.key",
+                   "tls_ca": "certs/ca.pem", "grace_s": 5, "log_level": "INFO"},
+        "store": {"kind": "sqlite"},
+        "engine": {"name": "crosslm", "options": {
+            "config": "engine.toml", "tasks": [engine["task"]],
+            "eval_data": "data/public/llm-test.csv", "eval_texts": settings.llm_eval_texts,
+            "eval_every": n_silos, "set": [*settings.sets, f"eval.n_ppl_docs={settings.llm_eval_docs}"]}},
+    }
+    _write_toml(layout.server_toml, "`crosslm demo` server: the shape of examples/server.toml, on free localhost ports,\n"
+                "with mTLS (certs/) and the operator token the demo's progress lines read /v1/submissions with.\n"
+                f"The LLM is measured on data/public/llm-test.csv (no silo holds it) once per round of the {n_silos} "
+                "silos.\nRelative paths are resolved against this file's folder.", server)
+    train = as_table(cfg.round.slm) | {"continue_epochs": cfg.round.slm.max_epochs if settings.continue_epochs is None
+                                       else settings.continue_epochs}
+    del train["seed"]  # the silo trains with [silo] seed
+    for name in layout.archs:
+        silo = {
+            "output_dir": name,
+            "silo": {"name": name, "task": layout.task, "labels": list(layout.labels), "data": f"data/{name}.csv",
+                     "test_data": f"data/public/{name}-test.csv", "heldout_fraction": cfg.split.val_fraction,
+                     "seed": cfg.seed, "arch": layout.archs[name]},
+            "server": {"address": f"127.0.0.1:{layout.grpc_port}", "ca": "certs/ca.pem", "cert": f"certs/{name}.pem",
+                       "key": f"certs/{name}.key"},
+            "train": train,
+            "rounds": {"count": layout.rounds, "interval_s": 0},
+        }
+        _write_toml(layout.silo_toml(name), f"`crosslm demo` {name}: the shape of examples/silo-a.toml, on the demo's "
+                    f"localhost port.\ndata/{name}.csv is private: it never leaves this silo. [train] is the engine "
+                    "config's [round.slm],\nas crosslm simulate trains. Relative paths are resolved against this "
+                    "file's folder.", silo)

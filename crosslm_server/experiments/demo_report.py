@@ -167,7 +167,7 @@ def _notes(report: dict[str, Any], silo_dirs: dict[str, Path]) -> str:
 ## How this was measured
 
 - Each silo is a `crosslm-client run` daemon holding its private data. It trained its first SLM on that data
-  alone (learning rates {train.get('lrs', '?')}, the best epoch of {train.get('epochs', '?')} on its own held-out
+  alone (learning rates {train.get('lrs', '?')}, the best epoch of {train.get('max_epochs', train.get('epochs', '?'))} on its own held-out
   split): that model's accuracy on the silo's public test set ({' / '.join(map(str, tests))} examples per silo, drawn
   from the task's overall distribution, never trained on or used to choose a model) is **silo-only**. After each
   round the silo continued the returned SLM on its private data plus the synthetic set that came back with it

@@ -1,23 +1,28 @@
 """The engine's configuration: one dataclass per section, loaded from TOML, overridable by flags.
 
 One dataclass per section, all here and none importing torch (reading a config must not load
-the ML stack); each step module imports its own (``GenerateConfig`` in generate.py, ...). Unknown keys are errors that name the
-section, the key and the keys allowed.
+the ML stack); each step module imports its own (``GenerateConfig`` in generate.py, ...). Fields
+are declared and loaded by :mod:`crosslm_shared.schema`: unknown keys and wrong types are errors
+that name the section and the key, and docs/config.md is generated from the same declarations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from crosslm_shared.data import SplitConfig
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.schema import build, option
 from crosslm_shared.slm_config import SLMTrainConfig
 from crosslm_shared.tomlconfig import read_toml
+
+log = logging.getLogger(__name__)
 
 
 def _positive_or_auto(value, name: str, *, zero_ok: bool) -> None:
@@ -33,18 +38,19 @@ class GenerateConfig:
     (cap 64, stop at the closing mark only, truncated texts kept); the example configs end
     generations as the real texts end (docs/engine.md)."""
 
-    per_label: int = 32  # samples per label per round
-    batch_size: int = 16
-    max_new_tokens: int | str = 64  # the cap; "auto": 1.5 x the 99th percentile of the real texts' token lengths
-    top_p: float = 0.9
-    temperature: float = 1.0
-    stop_at_newline: bool = False  # the tasks' texts are single lines (data.load_examples joins lines)
-    # 0: off; N: once N tokens are generated, stop at the next sentence end (. ! ? or a symbol such
-    # as an emoji, which ends many text messages); "auto": the real texts' 90th percentile length
-    sentence_stop: int | str = 0
-    # what happens to a text that hit the cap before it ended: "keep" it as cut, "repair" it (cut
-    # back to its last sentence end; dropped if it has none) or "drop" it, before it is scored
-    truncated: Literal["keep", "repair", "drop"] = "keep"
+    per_label: int = option(32, "texts generated per label per round")
+    batch_size: int = option(16, "generation batch size")
+    max_new_tokens: int | str = option(
+        64, "the cap on a text's tokens; \"auto\": 1.5 x the 99th percentile of the task's real texts' lengths")
+    top_p: float = option(0.9, "nucleus sampling: the smallest token set holding this much probability")
+    temperature: float = option(1.0, "sampling temperature")
+    stop_at_newline: bool = option(False, "a newline ends a text (the tasks' texts are single lines)")
+    sentence_stop: int | str = option(
+        0, "once this many tokens are generated, the next sentence end (. ! ? or a symbol such as an emoji) "
+           "ends the text; 0 = off; \"auto\": the real texts' 90th percentile length")
+    truncated: Literal["keep", "repair", "drop"] = option(
+        "keep", "a text that hit the cap before it ended is kept as cut, repaired (cut back to its last "
+                "sentence end; dropped if none) or dropped, before it is scored")
 
     def __post_init__(self) -> None:
         if self.per_label < 1 or self.batch_size < 1:
@@ -59,28 +65,25 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    enabled: bool = True  # off = keep every text within the length bounds (ablation)
-    top_fraction: float = 0.5  # q: keep the top q of each label's agreeing texts by S(y|x)
-    min_score: float = 0.0  # τ: absolute floor on S(y|x)
-    # how "the SLMs assign the text to its label" is decided: "argmax" of the ensemble, or
-    # "prior_corrected": S(y|x) at least the mean of S(y|·) over the round's texts. Label-skewed
-    # silos give an ensemble that answers one label for everything: with argmax the filter kept
-    # 0 of 64 (measured, rt-4silo round 1); prior correction removes that bias.
-    agreement: Literal["argmax", "prior_corrected", "none"] = "prior_corrected"
-    min_words: int = 3
-    max_words: int = 60
-    near_dup_ngram: int = 3  # near duplicates: Jaccard of word n-grams ...
-    near_dup_threshold: float = 0.7  # ... at or above this
-    balance: bool = True  # cut every label to the smallest label's count
-    # the LLM's own judgement: the kept set and the soft labels use (1 − w)·the SLM ensemble +
-    # w·the LLM's label-word distribution after the classification prompt, centred over the
-    # round's texts (its label prior removed). The rewards of the LLM's update stay the SLMs'.
-    # Measured on RT seed 0's 192 CrossLM samples, against the judge: the SLM reward's AUC for
-    # on-label texts 0.64, the untouched LLM's centred score 0.82 (top half by it: 89.6 %
-    # on-label, by the SLMs 81.2 %, all 75.0 %). 0 = the SLMs alone. "auto": per batch, by how
-    # well each scorer predicts the labels the texts were generated for (reward.auto_llm_weight):
-    # 0.5 helped on RT and hurt on SMS spam, where the LLM knows little and the SLMs much
-    llm_weight: float | str = 0.0
+    enabled: bool = option(True, "off = keep every text within the length bounds (ablation)")
+    top_fraction: float = option(0.5, "q: keep the top q of each label's agreeing texts by S(y|x)")
+    min_score: float = option(0.0, "tau: absolute floor on S(y|x)")
+    # label-skewed silos give an ensemble that answers one label for everything: with argmax the
+    # filter kept 0 of 64 (docs/results.md); prior correction removes that bias
+    agreement: Literal["argmax", "prior_corrected", "none"] = option(
+        "prior_corrected", "how \"the SLMs assign the text to its label\" is decided: argmax of the ensemble, "
+                           "or S(y|x) at least the mean of S(y|.) over the round's texts")
+    min_words: int = option(3, "shortest text kept, in words")
+    max_words: int = option(60, "longest text kept, in words")
+    near_dup_ngram: int = option(3, "near duplicates: Jaccard similarity of word n-grams of this size ...")
+    near_dup_threshold: float = option(0.7, "... at or above this")
+    balance: bool = option(True, "cut every label to the smallest label's count")
+    # the rewards of the LLM's update stay the SLMs'; where each scorer knows the labels is
+    # measured in docs/results.md ("the LLM-scored filter")
+    llm_weight: float | str = option(
+        0.0, "w: the kept set and soft labels use (1 - w) x the SLM ensemble + w x the LLM's centred label "
+             "judgement; 0 = the SLMs alone; \"auto\": set per batch from each scorer's agreement with the "
+             "intended labels")
 
     def __post_init__(self) -> None:
         if self.agreement not in ("argmax", "prior_corrected", "none"):
@@ -96,24 +99,22 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    gamma_gen: float = 1.0  # γ1: reward-weighted generation loss (0 = ablation "no reward loss")
-    gamma_task: float = 0.3  # γ2: label-word task loss (0 = ablation "no task loss")
-    gamma_kl: float = 0.1  # γ3: KL to the frozen base (0 = ablation "no KL")
-    lr: float = 3e-4
-    epochs: int = 1
-    batch_size: int = 8
-    max_length: int = 160  # prompt + text tokens per training sequence
-    task_centering: bool = True  # L_task on label logits centred over the step's samples (bias-blind)
-    # γ4: anchor the label prior. The centred L_task is blind to the LLM's label prior, so nothing
-    # holds it: on RT seed 0 (2026-12-02) "negative" answers went 58 → 19 % in two rounds, raw
-    # zero-shot 77.0 → 69.3 %. L_prior = squared shift of the mean label-word logits on the
-    # step's kept texts against the frozen base, centred across labels. 0 = off
-    gamma_prior: float = 0.0
-    # the reward behind the generation loss: "slms", the seed's r = 2·S(y|x) − 1 from the silos'
-    # SLMs; or "judged", the same from what the filter judges with (the SLMs mixed with the
-    # LLM's centred judgement at filter.llm_weight): where the SLMs know the labels (SMS spam) it
-    # is nearly theirs, where they are near chance (RT) mostly the LLM's own
-    reward: str = "slms"
+    gamma_gen: float = option(1.0, "gamma1: reward-weighted generation loss (0 = ablation)")
+    gamma_task: float = option(0.3, "gamma2: label-word task loss (0 = ablation)")
+    gamma_kl: float = option(0.1, "gamma3: KL to the frozen base (0 = ablation)")
+    lr: float = option(3e-4, "LoRA learning rate")
+    epochs: int = option(1, "passes over the round's kept texts")
+    batch_size: int = option(8, "update batch size")
+    max_length: int = option(160, "prompt + text tokens per training sequence")
+    task_centering: bool = option(True, "the task loss on label logits centred over the step's samples (bias-blind)")
+    # the centred task loss is blind to the LLM's label prior, so nothing else holds it
+    # (docs/results.md, "the prior anchor")
+    gamma_prior: float = option(
+        0.0, "gamma4: squared shift of the mean label-word logits against the frozen base, centred across "
+             "labels (0 = off)")
+    reward: Literal["slms", "judged"] = option(
+        "slms", "the generation loss's reward: \"slms\", r = 2 S(y|x) - 1 from the silos' SLMs, or "
+                "\"judged\", the same from what the filter judges with")
 
     def __post_init__(self) -> None:
         if min(self.gamma_gen, self.gamma_task, self.gamma_kl, self.gamma_prior) < 0:
@@ -126,10 +127,10 @@ class UpdateConfig:
 
 @dataclass(frozen=True)
 class EnhanceConfig:
-    labels: Literal["hard", "soft"] = "hard"
-    soft_mix: float = 0.5  # soft target = mix·one_hot(y) + (1 − mix)·ensemble
-    lr: float = 5e-5
-    epochs: int = 2
+    labels: Literal["hard", "soft"] = option("hard", "the enhanced SLM's targets: the intended label, or a soft mix")
+    soft_mix: float = option(0.5, "soft target = mix x one_hot(y) + (1 - mix) x the ensemble")
+    lr: float = option(5e-5, "learning rate of the SLM's fine-tuning on the kept texts")
+    epochs: int = option(2, "epochs of that fine-tuning")
 
     def __post_init__(self) -> None:
         if self.labels not in ("hard", "soft"):
@@ -140,25 +141,25 @@ class EnhanceConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_ppl_docs: int = 40  # documents of the general corpus for perplexity
-    ppl_max_tokens: int = 256
-    batch_size: int = 16
-    judge_per_label: int = 48  # generations per label judged before and after
-    judge_arch: str = "minilm"  # the judge's SLM architecture (or a model folder)
-    judge_lr: float = 1e-4
-    judge_epochs: int = 2
+    n_ppl_docs: int = option(40, "documents of the general corpus for perplexity")
+    ppl_max_tokens: int = option(256, "tokens per perplexity document")
+    batch_size: int = option(16, "evaluation batch size")
+    judge_per_label: int = option(48, "generations per label the judge labels before and after (0 = no judge)")
+    judge_arch: str = option("minilm", "the judge's SLM architecture (or a model folder)")
+    judge_lr: float = option(1e-4, "the judge's learning rate")
+    judge_epochs: int = option(2, "the judge's epochs")
 
 
 @dataclass(frozen=True)
 class LLMConfig:
     """Which LLM the server hosts and how its LoRA adapter is shaped."""
 
-    model: str = "smollm2-135m"  # "smollm2-135m" (offline package) or a causal-LM folder
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
-    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    model: str = option("smollm2-135m", "\"smollm2-135m\" (offline package) or a causal-LM folder")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    target_modules: tuple[str, ...] = option(("q_proj", "v_proj", "o_proj"), "modules that get LoRA adapters")
+    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "auto = bf16 on CUDA, fp32 on CPU")
 
     def __post_init__(self) -> None:
         if self.lora_r < 1:
@@ -171,12 +172,13 @@ class LLMConfig:
 class RoundConfig:
     """Everything one enhancement round needs (the worker's round uses this too)."""
 
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    update: UpdateConfig = field(default_factory=UpdateConfig)
-    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
-    slm: SLMTrainConfig = field(default_factory=SLMTrainConfig)
-    reward_from: Literal["all", "submitter"] = "all"  # whose SLMs score: every silo's latest, or the submitter's
+    generate: GenerateConfig = option(factory=GenerateConfig, help="step 1: label-conditioned generation")
+    filter: FilterConfig = option(factory=FilterConfig, help="step 3: which texts are kept")
+    update: UpdateConfig = option(factory=UpdateConfig, help="step 4: the LLM's LoRA update")
+    enhance: EnhanceConfig = option(factory=EnhanceConfig, help="step 5: the SLM's fine-tuning")
+    slm: SLMTrainConfig = option(factory=SLMTrainConfig, help="how SLMs are trained")
+    reward_from: Literal["all", "submitter"] = option(
+        "all", "whose SLMs score: every silo's latest, or the submitter's")
 
     def __post_init__(self) -> None:
         if self.reward_from not in ("all", "submitter"):
@@ -184,63 +186,49 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """A `crosslm simulate` run: N silos and R rounds in one process."""
+class EngineConfig:
+    """What the server's round uses (`[engine.options] config`): the task, the LLM, the round and
+    its evaluation, and what comes back with an enhanced SLM. `crosslm simulate` runs the same
+    round, so a simulate config is an engine config with more: :class:`SimConfig`."""
 
-    task: str = "rotten_tomatoes"  # built-in task name or a task TOML path
-    seed: int = 0
-    rounds: int = 2
-    archs: tuple[str, ...] = ("minilm", "mpnet4")  # SLM architecture per silo, cycled over the silos
-    zerogen: bool = True  # also run the ZeroGen-style baseline (synthetic data from the untouched LLM)
-    save_adapters: bool = True
-    # the silo continues the returned SLM on its private data alone, or on private data plus the
-    # kept synthetic set that came back with it (synthetic texts are not private)
-    continue_on: Literal["private", "private+synthetic"] = "private+synthetic"
-    # which synthetic set comes back with an enhanced SLM: the kept examples of that round, or
-    # the task's pool (every kept example so far, all silos and rounds: synthetic texts are
-    # not private, and they carry what the other silos' SLMs rewarded). ZeroGen gets the
-    # same generation budget as the set a silo can draw from.
-    synthetic_pool: bool = True
-    # after the last round every silo takes the whole pool once more, as ZeroGen's silos take its
-    # whole set: a silo that submits early in a round has otherwise seen only part of it
-    final_sync: bool = False
-    split: SplitConfig = field(default_factory=SplitConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    round: RoundConfig = field(default_factory=RoundConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: str = option("rotten_tomatoes", "built-in task name or a task TOML path")
+    continue_on: Literal["private", "private+synthetic"] = option(
+        "private+synthetic", "what the silo continues the returned SLM on: its private data, or that plus "
+                             "the synthetic set that came back (synthetic texts are not private)")
+    # ZeroGen gets the same generation budget as the set a silo can draw from
+    synthetic_pool: bool = option(
+        True, "the synthetic set that comes back is the task's pool (every kept text so far, all silos and "
+              "rounds), not only the round's kept texts")
+    llm: LLMConfig = option(factory=LLMConfig, help="the LLM and its LoRA adapter")
+    round: RoundConfig = option(factory=RoundConfig, help="one enhancement round")
+    eval: EvalConfig = option(factory=EvalConfig, help="how the LLM and the synthetic data are measured")
 
     def __post_init__(self) -> None:
+        if self.continue_on not in ("private", "private+synthetic"):
+            raise ConfigError(f"continue_on = {self.continue_on!r}; use 'private' or 'private+synthetic'")
+
+
+@dataclass(frozen=True)
+class SimConfig(EngineConfig):
+    """A `crosslm simulate` run: N silos and R rounds in one process."""
+
+    seed: int = option(0, "seed of the split, the models and the sampling")
+    rounds: int = option(2, "rounds: every silo submits once per round")
+    archs: tuple[str, ...] = option(("minilm", "mpnet4"), "SLM architecture per silo, cycled over the silos")
+    zerogen: bool = option(True, "also run the ZeroGen baseline (synthetic data from the untouched LLM)")
+    save_adapters: bool = option(True, "keep every adapter version in the run folder")
+    final_sync: bool = option(
+        False, "after the last round every silo takes the whole pool once more, as ZeroGen's silos take its set")
+    split: SplitConfig = option(factory=SplitConfig, help="how the task's data is cut into silos and test sets")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rounds < 1:
             raise ConfigError(f"rounds = {self.rounds}; need at least 1")
         if not self.archs:
             raise ConfigError("archs must name at least one SLM architecture")
-        if self.continue_on not in ("private", "private+synthetic"):
-            raise ConfigError(f"continue_on = {self.continue_on!r}; use 'private' or 'private+synthetic'")
         if self.final_sync and not self.synthetic_pool:
             raise ConfigError("final_sync = true needs synthetic_pool = true: the sync hands every silo the pool")
-
-
-def _build(cls, raw: dict, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{where}] must be a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ConfigError(f"[{where}] has unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}.{name}" if where else name)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"[{where or 'top level'}]: {e}") from e
 
 
 def _set_path(raw: dict, dotted: str, value) -> None:
@@ -263,14 +251,35 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> SimConfig:
+def _read(path: str | Path | None, overrides: typing.Iterable[str]) -> dict:
     raw: dict = {}
     if path is not None:
         raw = read_toml(path, "config")
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key, value)
-    return _build(SimConfig, raw, "")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> SimConfig:
+    """A `crosslm simulate` / `study` config."""
+    return build(SimConfig, _read(path, overrides), "")
+
+
+SIMULATE_ONLY = tuple(sorted({f.name for f in dataclasses.fields(SimConfig)}
+                             - {f.name for f in dataclasses.fields(EngineConfig)}))
+
+
+def load_engine_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> EngineConfig:
+    """The server's round settings. A simulate config may stand in (the demo's server runs the
+    simulate config's round): the server says once which of its keys it does not use."""
+    raw = _read(path, overrides)
+    unused = [k for k in SIMULATE_ONLY if k in raw]
+    if unused:
+        log.info("engine config %s: using %s; a simulate config's %s do not apply to the server",
+                 path, ", ".join(k for k in raw if k not in unused), ", ".join(unused))
+        raw = {k: v for k, v in raw.items() if k not in unused}
+    return build(EngineConfig, raw, "")
 
 
 def as_dict(cfg) -> dict:

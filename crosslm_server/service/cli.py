@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from crosslm_shared.errors import CrossLMError
-from crosslm_server.service.config import load_server_config
+from crosslm_server.service.config import ServerSection, load_server_config
+from crosslm_shared.schema import flag_help
 from crosslm_server.service.serve import serve
 
 
@@ -19,15 +20,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crosslm-server", description="CrossLM server: gRPC service, worker, HTTP.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve", help="run the server until SIGTERM / Ctrl-C")
-    run.add_argument("--config", type=Path, required=True, help="server TOML file (see examples/server.toml)")
-    run.add_argument("--grpc-port", type=int, default=None, help="override [server] grpc_port (default: from file)")
-    run.add_argument("--http-port", type=int, default=None, help="override [server] http_port (default: from file)")
-    run.add_argument("--data-dir", type=str, default=None, help="override [server] data_dir (default: from file)")
+    run.add_argument("--config", type=Path, required=True,
+                     help="server TOML file (examples/server.toml; every key: docs/config.md)")
+    run.add_argument("--grpc-port", type=int, default=None, help=flag_help(ServerSection, "server", "grpc_port"))
+    run.add_argument("--http-port", type=int, default=None, help=flag_help(ServerSection, "server", "http_port"))
+    run.add_argument("--data-dir", type=str, default=None, help=flag_help(ServerSection, "server", "data_dir"))
     run.add_argument("--engine", type=str, default=None,
                      help="override [engine] name; the file's [engine.options] are dropped when it differs")
-    run.add_argument("--tls-cert", type=str, default=None, help="override [server] tls_cert (default: from file)")
-    run.add_argument("--tls-key", type=str, default=None, help="override [server] tls_key (default: from file)")
-    run.add_argument("--tls-ca", type=str, default=None, help="override [server] tls_ca (default: from file)")
+    run.add_argument("--tls-cert", type=str, default=None, help=flag_help(ServerSection, "server", "tls_cert"))
+    run.add_argument("--tls-key", type=str, default=None, help=flag_help(ServerSection, "server", "tls_key"))
+    run.add_argument("--tls-ca", type=str, default=None, help=flag_help(ServerSection, "server", "tls_ca"))
     run.add_argument("--plaintext-dev", action="store_true",
                      help="no TLS, silos named by a header: a local demo only, never reachable by others "
                           "(default: mTLS as the file says)")
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                         ("rollback", "make version N current (a running server uses it from its next round)")):
         a = ad_sub.add_parser(name, help=help_)
         a.add_argument("--config", type=Path, required=True, help="server TOML file")
-        a.add_argument("--data-dir", type=str, default=None, help="override [server] data_dir")
+        a.add_argument("--data-dir", type=str, default=None, help=flag_help(ServerSection, "server", "data_dir"))
         if name == "rollback":
             a.add_argument("version", type=int, help="the version to make current")
     return p

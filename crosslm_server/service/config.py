@@ -4,7 +4,7 @@ Relative paths in a config file are resolved against the file's folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -13,6 +13,7 @@ from crosslm_shared.errors import ConfigError
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from crosslm_server.engines.api import ENGINES
 from crosslm_shared.plugins import is_import_path
+from crosslm_shared.schema import build, option
 
 MiB = 1024 * 1024
 StoreKind = Literal["sqlite", "memory"]
@@ -25,37 +26,42 @@ def _bad(section: str, name: str, value: Any, allowed: str) -> ConfigError:
 
 @dataclass(frozen=True)
 class ServerSection:
-    grpc_host: str = "0.0.0.0"          # interface the gRPC server binds
-    grpc_port: int = 50051              # gRPC port (0 = any free port)
-    http_host: str = "127.0.0.1"        # interface of /healthz /readyz /metrics /v1/submissions (plain HTTP: keep it private)
-    http_port: int = 8080               # HTTP port (0 = any free port)
-    data_dir: Path = Path("crosslm-data")  # uploads, bundles, results, work folders and the SQLite file
-    plaintext_dev_mode: bool = False    # true: no TLS, silo named by the x-crosslm-silo header. Demo only
-    tls_cert: Path | None = None        # server certificate (PEM), e.g. runs/certs/server.pem from `crosslm certs`
-    tls_key: Path | None = None         # its private key (PEM, keep it 0600)
-    tls_ca: Path | None = None          # CA that signed the silos' client certificates (ca.pem)
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # download chunk size in bytes (256 KiB - 4 MiB)
-    max_message_bytes: int = 6 * MiB    # gRPC max send/receive message size; keep a few MiB
-    max_bundle_bytes: int = 2048 * MiB  # largest bundle accepted
-    max_queue: int = 100                # Submit answers RESOURCE_EXHAUSTED when this many rounds wait (a silo with none waiting still gets in)
-    max_queued_per_silo: int = 2        # rounds one silo may have waiting at once (fair share of the queue)
-    max_pending_uploads_per_silo: int = 4  # uploads one silo may hold unsubmitted (partial or complete)
-    max_silo_upload_bytes: int = 4096 * MiB  # bytes those pending uploads of one silo may reserve on disk
-    upload_ttl_s: float = 86400.0       # an unsubmitted upload whose files did not change this long is deleted
-    admission_timeout_s: float = 120.0  # the content check of one uploaded SLM (its own process) may take this long
-    admission_memory_bytes: int = 4096 * MiB  # ... and this much memory beyond its process's idle size
-    keep_rounds_per_silo: int = 4       # files (bundle, result, work folder) of each silo's last N ended rounds
-    grpc_workers: int = 64              # gRPC handler threads; each open stream (a Watch too) holds one
-    reserved_workers: int = 8           # handler threads streams may never take: unary calls and health checks
-    max_streams_per_silo: int = 8       # Upload + Watch + Download streams one silo may hold open at once
-    operator_token: str = ""            # bearer token for HTTP /v1/submissions ("" and no file = that view is off)
-    operator_token_file: Path | None = None  # or a file holding that token (keep it 0600), e.g. from `openssl rand -hex 24`
-    grace_s: float = 30.0               # on SIGTERM: time for streams and the current round to finish
-    keepalive_s: int = 30               # HTTP/2 keepalive pings; a dead peer is dropped
-    idle_timeout_s: float = 120.0       # an upload stream with no header or no bytes for this long is cut (0 = never)
-    max_uploads_per_silo: int = 4       # Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)
-    worker_nice: int = 10               # niceness added to the round's threads (Linux): requests get the CPU first (0..19)
-    log_level: LogLevel = "INFO"        # logging level of the server process
+    grpc_host: str = option("0.0.0.0", "interface the gRPC server binds")
+    grpc_port: int = option(50051, "gRPC port (0 = any free port)")
+    http_host: str = option(
+        "127.0.0.1", "interface of /healthz /readyz /metrics /v1/submissions (plain HTTP: keep it private)")
+    http_port: int = option(8080, "HTTP port (0 = any free port)")
+    data_dir: Path = option(Path("crosslm-data"), "uploads, bundles, results, work folders and the SQLite file", path=True)
+    plaintext_dev_mode: bool = option(False, "true: no TLS, silo named by the x-crosslm-silo header. Demo only")
+    tls_cert: Path | None = option(None, "server certificate (PEM), e.g. runs/certs/server.pem from `crosslm certs`", path=True)
+    tls_key: Path | None = option(None, "its private key (PEM, keep it 0600)", path=True)
+    tls_ca: Path | None = option(None, "CA that signed the silos' client certificates (ca.pem)", path=True)
+    chunk_size: int = option(DEFAULT_CHUNK_SIZE, "download chunk size in bytes (256 KiB - 4 MiB)")
+    max_message_bytes: int = option(6 * MiB, "gRPC max send/receive message size; keep a few MiB")
+    max_bundle_bytes: int = option(2048 * MiB, "largest bundle accepted")
+    max_queue: int = option(
+        100, "Submit answers RESOURCE_EXHAUSTED when this many rounds wait (a silo with none waiting still gets in)")
+    max_queued_per_silo: int = option(2, "rounds one silo may have waiting at once (fair share of the queue)")
+    max_pending_uploads_per_silo: int = option(4, "uploads one silo may hold unsubmitted (partial or complete)")
+    max_silo_upload_bytes: int = option(4096 * MiB, "bytes those pending uploads of one silo may reserve on disk")
+    upload_ttl_s: float = option(86400.0, "an unsubmitted upload whose files did not change this long is deleted")
+    admission_timeout_s: float = option(
+        120.0, "the content check of one uploaded SLM (its own process) may take this long")
+    admission_memory_bytes: int = option(4096 * MiB, "... and this much memory beyond its process's idle size")
+    keep_rounds_per_silo: int = option(4, "files (bundle, result, work folder) of each silo's last N ended rounds")
+    grpc_workers: int = option(64, "gRPC handler threads; each open stream (a Watch too) holds one")
+    reserved_workers: int = option(8, "handler threads streams may never take: unary calls and health checks")
+    max_streams_per_silo: int = option(8, "Upload + Watch + Download streams one silo may hold open at once")
+    operator_token: str = option("", "bearer token for HTTP /v1/submissions (\"\" and no file = that view is off)")
+    operator_token_file: Path | None = option(
+        None, "or a file holding that token (keep it 0600), e.g. from `openssl rand -hex 24`", path=True)
+    grace_s: float = option(30.0, "on SIGTERM: time for streams and the current round to finish")
+    keepalive_s: int = option(30, "HTTP/2 keepalive pings; a dead peer is dropped")
+    idle_timeout_s: float = option(
+        120.0, "an upload stream with no header or no bytes for this long is cut (0 = never)")
+    max_uploads_per_silo: int = option(4, "Upload streams one silo may hold open at once (RESOURCE_EXHAUSTED beyond)")
+    worker_nice: int = option(10, "niceness added to the round's threads (Linux): requests get the CPU first (0..19)")
+    log_level: LogLevel = option("INFO", "logging level of the server process")
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -132,8 +138,8 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class StoreSection:
-    kind: StoreKind = "sqlite"          # "sqlite" (durable, WAL) or "memory" (tests: forgets on exit)
-    path: Path | None = None            # SQLite file; default <data_dir>/state.db
+    kind: StoreKind = option("sqlite", "\"sqlite\" (durable, WAL) or \"memory\" (tests: forgets on exit)")
+    path: Path | None = option(None, "SQLite file; default <data_dir>/state.db", path=True)
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(StoreKind):
@@ -142,8 +148,9 @@ class StoreSection:
 
 @dataclass(frozen=True)
 class EngineSection:
-    name: str = "crosslm"               # "crosslm" (the real round) or module:Class (tests/fakes: test engines)
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the engine's constructor
+    name: str = option("crosslm", "\"crosslm\" (the real round) or module:Class (tests/fakes: test engines)")
+    options: dict[str, Any] = option(factory=dict, help="keyword arguments for the engine's constructor "
+                                                     "(the crosslm engine's: docs/config.md)")
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES and not is_import_path(self.name):
@@ -152,45 +159,25 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    server: ServerSection = field(default_factory=ServerSection)
-    store: StoreSection = field(default_factory=StoreSection)
-    engine: EngineSection = field(default_factory=EngineSection)
+    server: ServerSection = option(factory=ServerSection, help="the gRPC and HTTP front-end")
+    store: StoreSection = option(factory=StoreSection, help="where the service's state lives")
+    engine: EngineSection = option(factory=EngineSection, help="what runs a round")
 
     @property
     def store_path(self) -> Path:
         return self.store.path or self.server.data_dir / "state.db"
 
 
-def _section(cls, section: str, raw: dict[str, Any], base: Path):
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"[{section}] has unknown key(s) {unknown}; known: {sorted(known)}")
-    values = dict(raw)
-    for name, value in raw.items():
-        if name in ("data_dir", "path", "tls_cert", "tls_key", "tls_ca", "operator_token_file") and value is not None:
-            values[name] = (base / Path(value)).resolve()
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"[{section}]: {e}") from e
-
-
 def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> ServerConfig:
     """Read a TOML file; `overrides` ({section: {key: value}}) come from command-line flags."""
     raw = read_toml(path, "server config", overrides=overrides)
-    unknown = sorted(set(raw) - {"server", "store", "engine"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")
     base = Path(path).resolve().parent
     options = raw.get("engine", {}).get("options", {})
     # engine paths, like the others, are relative to this file
     for key in ("config", "adapters_dir", "synthetic_dir", "eval_data"):
         if isinstance(options.get(key), str):
             options[key] = str((base / options[key]).resolve())
-    return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),
-                        store=_section(StoreSection, "store", raw.get("store", {}), base),
-                        engine=_section(EngineSection, "engine", raw.get("engine", {}), base))
+    return build(ServerConfig, raw, "", base=base)
 
 
 @dataclass(frozen=True)

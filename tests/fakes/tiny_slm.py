@@ -104,8 +104,8 @@ class TinyFamily:
 
         t = config.train
         model = new_tiny_slm(list(config.silo.labels), seed=config.silo.seed, tokenizer_dir=work_dir / "tokenizer")
-        with tqdm(total=len(train[0]) * t.epochs, desc=f"training {config.silo.name}", unit="ex") as bar:
-            model.train(*train, epochs=t.epochs, lr=t.lrs[0], batch_size=t.batch_size, progress=bar)
+        with tqdm(total=len(train[0]) * t.max_epochs, desc=f"training {config.silo.name}", unit="ex") as bar:
+            model.train(*train, epochs=t.max_epochs, lr=t.lrs[0], batch_size=t.batch_size, progress=bar)
         return model
 
     def continue_and_choose(self, config, current, returned, train, held, synthetic=None):
