@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crosslm_client.config import SiloConfig, load_silo_config
-from crosslm_client.data import load_examples
 from crosslm_client.transport import RetryPolicy, TransportError
 from crosslm_shared import certs
+from crosslm_shared.data import read_labelled
 from crosslm_shared.errors import CrossLMError
 
 CONNECT_TIMEOUT_S = 5.0
@@ -81,8 +81,8 @@ class _Checks:
     def check_data(self) -> str:
         s = self.config.silo
         try:
-            texts, ys = load_examples(s.data, labels=s.labels, text_column=s.text_column,
-                                      label_column=s.label_column)
+            texts, ys = read_labelled(s.data, labels=s.labels, text_column=s.text_column,
+                                      label_column=s.label_column).pair()
         except CrossLMError as e:
             raise _Failed(f"{e} (fix the file, or [silo] data / text_column / label_column)") from e
         except (UnicodeDecodeError, csv.Error, OSError) as e:  # not a text CSV / JSONL at all

@@ -24,11 +24,12 @@ import numpy as np
 
 from crosslm_client import models
 from crosslm_client.config import SiloConfig
-from crosslm_client.data import Examples, load_examples, split
+from crosslm_client.models import Examples
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
 from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
+from crosslm_shared.data import heldout_split, read_labelled
 from crosslm_shared.schema import as_table
 from crosslm_shared.errors import DataError
 
@@ -75,9 +76,9 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
     (out / "reports").mkdir(parents=True, exist_ok=True)
     status = Status(out / "status.json", silo=s.name, rounds=config.rounds.count)
     status("loading data", 0)
-    examples = load_examples(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    examples = read_labelled(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
     test = _load_test(config)
-    train, held = split(examples, heldout_fraction=s.heldout_fraction, seed=s.seed)
+    train, held = (part.pair() for part in heldout_split(examples, fraction=s.heldout_fraction, seed=s.seed))
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
     reports = []
     with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
@@ -87,7 +88,7 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
         while config.rounds.count == 0 or round_no <= config.rounds.count:
             report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
             report |= {"arch": models.family(config).name, "n_train": len(train[0]), "n_heldout": len(held[0]),
-                       "label_counts": _label_counts(s.labels, examples[1]),
+                       "label_counts": _label_counts(s.labels, examples.labels),
                        "train": as_table(config.train)}
             (out / "reports" / f"round-{round_no:03d}.json").write_text(json.dumps(report, indent=2))
             reports.append(report)
@@ -105,7 +106,8 @@ def _load_test(config: SiloConfig) -> Examples | None:
     if s.test_data is None:
         return None
     try:
-        return load_examples(s.test_data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+        return read_labelled(s.test_data, labels=s.labels, text_column=s.text_column,
+                             label_column=s.label_column).pair()
     except DataError as e:
         raise DataError(f"[silo] test_data: {e}") from e
 

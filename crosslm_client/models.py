@@ -15,9 +15,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from crosslm_client.config import BUILTIN_ARCHS, SiloConfig
-from crosslm_client.data import Examples
 from crosslm_shared.errors import AssetMissingError
 from crosslm_shared.plugins import import_object
+
+Examples = tuple[list[str], list[int]]  # (texts, label indices): what a model family trains on
 
 
 class Family(Protocol):

@@ -5,7 +5,9 @@ the LLM, a pool for the independent judge (data no silo holds, used only for eva
 and per silo a private set (IID or label-skewed by a Dirichlet draw), split into train and a
 held-out validation part, plus a test split for reporting. Validation data is used for
 every selection (hyperparameters, temperature, keep-if-better); test data for nothing but
-the figures.
+the figures. A real silo's daemon reads its own file with :func:`read_labelled` and cuts it
+with :func:`heldout_split`, the same stratified cut, so simulated and real silos select their
+models on the same kind of held-out split.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Iterator, Literal
 
 import numpy as np
@@ -44,6 +47,10 @@ class Examples:
 
     def __add__(self, other: "Examples") -> "Examples":
         return Examples(self.texts + other.texts, self.labels + other.labels)
+
+    def pair(self) -> tuple[list[str], list[int]]:
+        """(texts, labels) as lists: what a silo's model family trains on."""
+        return list(self.texts), list(self.labels)
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,68 @@ def split_task(examples: Examples, num_labels: int, cfg: SplitConfig, *, seed: i
             test=examples.subset(test_idx),
         ))
     return Split(silos=tuple(silos), llm_test=llm_test, judge_train=judge)
+
+
+def read_labelled(path: Path, *, labels: Sequence[str], text_column: str = "text",
+                  label_column: str = "label") -> Examples:
+    """A silo's own CSV or JSONL file, a text and a label (its name or index) per row; errors name
+    the file, the line and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; set [silo] data to your CSV or JSONL file")
+    rows = _rows_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _rows_csv(path)
+    texts, ys = [], []
+    for line, row in rows:
+        text, label = row.get(text_column), row.get(label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{line}: missing or empty {text_column!r}")
+        texts.append(text.strip())
+        ys.append(_label_index(label, labels, f"{path}:{line}"))
+    if len(texts) < 2 * len(labels):
+        raise DataError(f"{path}: only {len(texts)} examples; need at least {2 * len(labels)}")
+    return Examples(tuple(texts), tuple(ys))
+
+
+def _label_index(value, labels: Sequence[str], where: str) -> int:
+    if isinstance(value, str) and value in labels:
+        return labels.index(value)
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if 0 <= index < len(labels) and str(value).strip().lstrip("-").isdigit():
+        return index
+    raise DataError(f"{where}: label {value!r} is not one of {list(labels)} (or their index 0..{len(labels) - 1})")
+
+
+def _rows_csv(path: Path):
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}:1: empty file; expected a header row with text and label columns")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _rows_jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object with text and label")
+            yield line_no, row
+
+
+def heldout_split(examples: Examples, *, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """A silo's (train, held-out) split: the cut `split_task` gives each simulated silo, seeded, so the
+    held-out set is the same every run and never enters training."""
+    train_idx, val_idx = _stratified_cut(examples.labels, fraction, np.random.default_rng(seed))
+    return examples.subset(train_idx), examples.subset(val_idx)
 
 
 def _stratified_cut(labels, fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from crosslm_client.config import load_silo_config
-from crosslm_client.data import load_examples, split
+from crosslm_shared.data import Examples, heldout_split, read_labelled
 from crosslm_shared.errors import ConfigError, DataError
 
 LABELS = ("neg", "pos")
@@ -13,11 +13,11 @@ LABELS = ("neg", "pos")
 def test_csv_and_jsonl_load(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text('text,label\n"good, film",pos\nbad film,neg\nok,1\nmeh,0\n')
-    assert load_examples(csv, labels=LABELS) == (["good, film", "bad film", "ok", "meh"], [1, 0, 1, 0])
+    assert read_labelled(csv, labels=LABELS).pair() == (["good, film", "bad film", "ok", "meh"], [1, 0, 1, 0])
     jl = tmp_path / "d.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in [{"text": "a", "label": "pos"}, {"text": "b", "label": 0},
                                                       {"text": "c", "label": "neg"}, {"text": "d", "label": 1}]))
-    assert load_examples(jl, labels=LABELS)[1] == [1, 0, 0, 1]
+    assert read_labelled(jl, labels=LABELS).labels == (1, 0, 0, 1)
 
 
 @pytest.mark.parametrize("name, body, fragment", [
@@ -30,15 +30,17 @@ def test_csv_and_jsonl_load(tmp_path):
 def test_bad_rows_name_file_and_line(tmp_path, name, body, fragment):
     (tmp_path / name).write_text(body)
     with pytest.raises(DataError, match=fragment):
-        load_examples(tmp_path / name, labels=LABELS)
+        read_labelled(tmp_path / name, labels=LABELS)
 
 
 def test_split_is_seeded_stratified_and_disjoint():
     texts = [f"t{i}" for i in range(40)]
     ys = [i % 2 for i in range(40)]
-    (tr, ytr), (he, yhe) = split((texts, ys), heldout_fraction=0.25, seed=3)
-    assert split((texts, ys), heldout_fraction=0.25, seed=3) == ((tr, ytr), (he, yhe))
-    assert not set(tr) & set(he) and len(he) == 10 and sorted(yhe) == [0] * 5 + [1] * 5
+    examples = Examples(tuple(texts), tuple(ys))
+    train, held = heldout_split(examples, fraction=0.25, seed=3)
+    assert heldout_split(examples, fraction=0.25, seed=3) == (train, held)
+    assert heldout_split(examples, fraction=0.25, seed=4) != (train, held)
+    assert not set(train.texts) & set(held.texts) and len(held) == 10 and sorted(held.labels) == [0] * 5 + [1] * 5
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -69,13 +71,13 @@ def test_prepare_demo_writes_one_private_file_per_silo(tmp_path):
                  "--n-private", "20", "--n-test", "15", "--n-llm-test", "30", "--n-judge", "40"]) == 0
     files = sorted((tmp_path / "demo").glob("silo-*.csv"))
     assert [f.name for f in files] == ["silo-a.csv", "silo-b.csv"]
-    a, b = (load_examples(f, labels=LABELS) for f in files)
+    a, b = (read_labelled(f, labels=LABELS).pair() for f in files)
     assert len(a[0]) == len(b[0]) == 20 and not set(a[0]) & set(b[0])
     # the public test files: per-silo test sets and the LLM's, disjoint from every private share
     public = tmp_path / "demo" / "public"
     assert sorted(f.name for f in public.iterdir()) == ["llm-test.csv", "silo-a-test.csv", "silo-b-test.csv"]
-    tests = [load_examples(public / name, labels=LABELS)[0] for name in ("silo-a-test.csv", "silo-b-test.csv")]
-    llm = load_examples(public / "llm-test.csv", labels=LABELS)[0]
+    tests = [read_labelled(public / name, labels=LABELS).pair()[0] for name in ("silo-a-test.csv", "silo-b-test.csv")]
+    llm = read_labelled(public / "llm-test.csv", labels=LABELS).pair()[0]
     assert [len(t) for t in tests] == [15, 15] and len(llm) == 30
     private = set(a[0]) | set(b[0])
     assert not private & (set(tests[0]) | set(tests[1]) | set(llm)) and not set(llm) & set(tests[0])
@@ -92,11 +94,11 @@ def test_prepare_demo_cuts_the_pool_like_simulate(tmp_path, toy_task_path):
     task = load_task(toy_task_path)
     split = split_task(pool(task), task.num_labels, cfg, seed=5)
     for letter, silo in zip("abc", split.silos):
-        texts, ys = load_examples(tmp_path / "d" / f"silo-{letter}.csv", labels=task.label_names)
+        texts, ys = read_labelled(tmp_path / "d" / f"silo-{letter}.csv", labels=task.label_names).pair()
         assert (texts, ys) == (list((silo.train + silo.val).texts), list((silo.train + silo.val).labels))
-        assert load_examples(tmp_path / "pub" / f"silo-{letter}-test.csv", labels=task.label_names)[0] == \
+        assert read_labelled(tmp_path / "pub" / f"silo-{letter}-test.csv", labels=task.label_names).pair()[0] == \
             list(silo.test.texts)
-    assert load_examples(tmp_path / "pub" / "llm-test.csv", labels=task.label_names)[0] == list(split.llm_test.texts)
+    assert read_labelled(tmp_path / "pub" / "llm-test.csv", labels=task.label_names).pair()[0] == list(split.llm_test.texts)
 
 
 def test_example_configs_load():

@@ -331,11 +331,11 @@ def test_an_idle_upload_is_cut(server, stub, bundle):
     ("data.jsonl", '{"text": "good", "label": "pos"}\n["bad", "neg"]\n', "data.jsonl:2: expected a JSON object"),
 ])
 def test_bad_lines_in_a_silos_data(tmp_path, name, content, fragment):
-    from crosslm_client.data import load_examples
+    from crosslm_shared.data import read_labelled
     from crosslm_shared.errors import DataError
 
     path: Path = tmp_path / name
     path.write_text(content)
     with pytest.raises(DataError) as e:
-        load_examples(path, labels=LABELS)
+        read_labelled(path, labels=LABELS)
     assert fragment in str(e.value)
