@@ -174,8 +174,44 @@ def test_the_lock_subsets_of_the_images_name_packages_of_the_lock():
 
     lockfile = runpy.run_path(str(ROOT / "scripts" / "lockfile"))
     for name in ("Dockerfile.server", "Dockerfile.client"):
-        for flag, names in re.findall(r"lockfile select --(drop|only) (\S+)", (ROOT / "docker" / name).read_text()):
-            lockfile["select"](names.split(","), ROOT / "requirements" / "lock.txt", only=flag == "only")
+        text = (ROOT / "docker" / name).read_text()
+        for lock, flag, names in re.findall(r"lockfile select (?:--lock (\S+) )?--(drop|only) (\S+)", text):
+            lockfile["select"](names.split(","), ROOT / (lock or "requirements/lock.txt"), only=flag == "only")
+    # the silo's image installs the silo's lock only (tests/test_lock.py: no server package in it)
+    client = (ROOT / "docker" / "Dockerfile.client").read_text()
+    assert re.findall(r"lockfile select (--lock \S+ )?--", client) == ["--lock requirements/lock-client.txt "] * 2
+
+
+SERVER_MODULES = ("peft", "gguf", "uvicorn", "starlette", "prometheus_client", "matplotlib", "grpc_health")
+BLOCK = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {SERVER_MODULES!r}:
+            raise ImportError(f"{{name}} is a server package, not installed in a silo's image")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_client_images_commands_run_without_the_servers_packages(tmp_path):
+    """What the client image runs (the daemon, its checks, `crosslm certs`, prepare-demo) imports
+    nothing that only `crosslm[server]` installs."""
+    import subprocess
+    import sys
+
+    script = BLOCK + f"""
+import crosslm_client.daemon, crosslm_client.check, crosslm_client.models, crosslm_client.transport
+from crosslm_server.experiments.cli import main as crosslm
+from crosslm_client.cli import main as client
+assert crosslm(["certs", "--out", {str(tmp_path / "certs")!r}, "--silos", "silo-a"]) == 0
+assert client(["prepare-demo", "--out", {str(tmp_path / "data")!r}, "--silos", "2", "--n-private", "16",
+               "--n-test", "10", "--n-llm-test", "10", "--n-judge", "0"]) == 0
+import matplotlib
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert "matplotlib is a server package" in done.stderr, done.stderr[-3000:]  # the blocker works ...
+    assert done.stderr.count("Error") == 1, done.stderr[-3000:]  # ... and nothing before it tripped it
+    assert (tmp_path / "certs" / "silo-a.pem").is_file() and (tmp_path / "data" / "silo-b.csv").is_file()
 
 
 @pytest.fixture()

