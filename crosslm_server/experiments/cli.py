@@ -1,4 +1,4 @@
-"""`crosslm`: the engine's command line (demo, simulate, study, results, certs)."""
+"""`crosslm`: the engine's command line (demo, simulate, study, results, map, certs)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     results = merge_results([Path(d) for d in args.studies], Path(args.out))
     print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from crosslm_server.experiments.regime_map import build_map
+
+    cells = build_map([Path(d) for d in args.studies], Path(args.out),
+                      results=Path(args.results) if args.results else None)
+    print((Path(args.out) / "map.md").read_text())
+    print(f"{len(cells)} cell(s): {Path(args.out) / 'map.json'}, map.md, map.png")
     return 0
 
 
@@ -217,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("studies", nargs="+", help="study folders (each holds study.json)")
     rs.add_argument("--out", default="docs/results.json", help="JSON to update (default: %(default)s)")
     rs.set_defaults(func=cmd_results)
+    mp = sub.add_parser("map", help="the regime map: one cell per finished study, placed by the silos' margin "
+                                    "over the LLM's zero-shot; gains, LLM figures and goals per cell")
+    mp.add_argument("studies", nargs="+", help="study folders (each holds study.json and its runs' reports)")
+    mp.add_argument("--out", default="docs/runs/map", help="folder for map.json, map.md, map.png "
+                                                           "(default: %(default)s)")
+    mp.add_argument("--results", default=None, help="also write the cells into this results JSON's \"map\" "
+                                                    "(e.g. docs/results.json)")
+    mp.set_defaults(func=cmd_map)
     ce = sub.add_parser("certs", help="make a CA, a server certificate and one client certificate per silo (mTLS)")
     ce.add_argument("--out", default="runs/certs", help="output folder (default: %(default)s)")
     ce.add_argument("--server-host", action="append", metavar="NAME",
