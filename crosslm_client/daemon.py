@@ -30,6 +30,7 @@ from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_synthetic, validate_bundle_dir
 from crosslm_shared.convert import manifest_to_json
 from crosslm_shared.errors import DataError
+from crosslm_shared.records import Stage
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     report["events"] = events
     done = client.get_submission(sub.submission_id)
     report["server_metrics"] = dict(done.metrics)
-    if done.stage != "ready" or done.result is None:
+    if done.stage != Stage.READY or done.result is None:
         report.update(outcome="failed", error=done.error, kept="previous", accuracy_after=state.accuracy,
                       seconds=round(time.monotonic() - started, 3))
         if state.test_accuracy is not None:
