@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["probe", "n", "failed", "p50 ms", "p99 ms", "max ms"], rows,
                 title=f"health latency, idle vs a round ({busy[1] - busy[0]:.0f} s busy, settings {args.set or 'rt-4silo'})")
     print(f"server run-queue wait (threads runnable, no CPU free): idle {wait['idle']:.3f} s/s, "
-          f"busy {wait['busy']:.3f} s/s; the round {'finished' if outcome == 'ready' else 'was cut at the window end'}\n")
+          f"busy {wait['busy']:.3f} s/s; the round {'finished' if outcome == EventKind.READY else 'was cut at the window end'}\n")
     print_table(["upload", "runs", "median MiB/s", "vs idle"],
                 [["idle", len(uploader.rates["idle"]), up_idle, 1.0],
                  ["busy", len(uploader.rates["busy"]), up_busy, ratio(up_busy, up_idle)]])
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                "server_set": args.server_set, "engine_threads": args.engine_threads, **figures,
                "goals_met": goals, "latency": stats, "latency_by_stage": by_stage,
                "upload_mib": args.upload_mib, "upload_mib_s": {"idle": uploader.rates["idle"], "busy": uploader.rates["busy"]},
-               "busy_window_s": round(busy[1] - busy[0], 1), "round_finished": outcome == "ready",
+               "busy_window_s": round(busy[1] - busy[0], 1), "round_finished": outcome == EventKind.READY,
                "runqueue_wait_s_per_s": {k: round(v, 3) for k, v in wait.items()}, "server_start_s": round(load_s, 1),
                "machine": machine(started_load=load0)}, args.out)
     return 0

@@ -175,7 +175,7 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     done = client.get_submission(sub.submission_id)
     report["server_metrics"] = dict(done.metrics)
     if done.stage != Stage.READY or done.result is None:
-        report.update(outcome="failed", error=done.error, kept="previous", accuracy_after=state.accuracy,
+        report.update(outcome=Stage.FAILED, error=done.error, kept="previous", accuracy_after=state.accuracy,
                       seconds=round(time.monotonic() - started, 3))
         if state.test_accuracy is not None:
             report["test_accuracy_after"] = state.test_accuracy
@@ -197,7 +197,7 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     current = family.load(config, state.model_dir)
     chosen, info = family.continue_and_choose(config, current, family.load(config, dest), train, held, synthetic)
     adopted = bool(info["adopted"])
-    report.update(outcome="ready", selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
+    report.update(outcome=Stage.READY, selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
                   kept="enhanced" if adopted else "previous")
     if adopted:
         status("evaluating", round_no)
