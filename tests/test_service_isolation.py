@@ -26,8 +26,8 @@ from crosslm_shared.errors import BundleError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.transfer import iter_chunks
-from service_helpers import (LABELS, OPERATOR_TOKEN, chunk, header, http_get, messages, refused, start_server,
-                             tiny_bundle, tls_server_config)
+from service_helpers import (LABELS, OPERATOR_TOKEN, chunk, header, http_get, messages, refused, round_trip,
+                             start_server, tiny_bundle, tls_server_config)
 
 pytestmark = pytest.mark.hostile
 CODE = grpc.StatusCode
@@ -69,13 +69,6 @@ def bundle_of(root: Path, silo: str, *, seed: int = 0, labels=LABELS, task="rt",
         edit(folder)
     kw = dict(temperature=1.0, heldout_accuracy=0.5) | manifest_kw
     return folder, make_manifest(folder, task=task, silo=silo, arch="tiny", labels=labels, **kw)
-
-
-def round_trip(c: CrossLMClient, folder, manifest, upload_id):
-    c.upload(folder, manifest, upload_id)
-    sub = c.submit(upload_id)
-    events = list(c.watch(sub.submission_id))
-    return c.get_submission(sub.submission_id), events
 
 
 def health_check(server, certs, *, timeout=10.0) -> float:

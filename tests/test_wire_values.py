@@ -13,7 +13,7 @@ from crosslm_shared import convert
 from crosslm_shared.errors import RecordValueError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.records import Event, EventKind, Stage, Submission, typed_value, typed_values
-from service_helpers import address, server_config, start_server, tiny_bundle
+from service_helpers import address, round_trip, server_config, start_server, tiny_bundle
 
 THIRD = 1 / 3
 VALUES = {"losses": [0.1, THIRD, 1e-300, -2.5e300], "step": 2**62 + 1, "negative": -7, "kept": 3, "updated": True,
@@ -157,12 +157,8 @@ class _TypoEngine(_TypedEngine):
 def test_typed_values_travel_engine_to_client_and_old_clients_still_read(tmp_path, old, store):
     server = start_server(server_config(tmp_path / "server", store=store), engine_factory=_TypedEngine)
     try:
-        folder, manifest = tiny_bundle(tmp_path / "silo")
         with CrossLMClient(address(server), "a") as client:
-            client.upload(folder, manifest, "a-typed-0001")
-            sub = client.submit("a-typed-0001")
-            events = list(client.watch(sub.submission_id))
-            done = client.get_submission(sub.submission_id)
+            done, events = round_trip(client, *tiny_bundle(tmp_path / "silo"), "a-typed-0001")
         assert [e.kind for e in events] == [EventKind.QUEUED, EventKind.STARTED, EventKind.TRAINING_LLM, EventKind.READY]
         assert events[0].fields["position"] == 1 and events[-1].fields["files"] == len(done.result.files)
         assert_typed(events[2].fields)
@@ -176,8 +172,8 @@ def test_typed_values_travel_engine_to_client_and_old_clients_still_read(tmp_pat
             watch = channel.unary_stream("/crosslm.v1.CrossLM/Watch",
                                          request_serializer=old("WatchRequest").SerializeToString,
                                          response_deserializer=old("Event").FromString)
-            legacy = get(old("GetSubmissionRequest")(submission_id=sub.submission_id), metadata=md)
-            legacy_events = list(watch(old("WatchRequest")(submission_id=sub.submission_id), metadata=md))
+            legacy = get(old("GetSubmissionRequest")(submission_id=done.submission_id), metadata=md)
+            legacy_events = list(watch(old("WatchRequest")(submission_id=done.submission_id), metadata=md))
         assert legacy.stage == "ready" and legacy.metrics["losses"] == "0.1,0.333333,1e-300,-2.5e+300"
         assert legacy.metrics["step"] == str(2**62 + 1) and legacy.metrics["updated"] == "True"
         assert [e.kind for e in legacy_events] == ["queued", "started", "training_llm", "ready"]
@@ -189,11 +185,9 @@ def test_typed_values_travel_engine_to_client_and_old_clients_still_read(tmp_pat
 def test_an_engine_event_of_no_known_kind_fails_the_round_by_name(tmp_path):
     server = start_server(server_config(tmp_path / "server", store="memory"), engine_factory=_TypoEngine)
     try:
-        folder, manifest = tiny_bundle(tmp_path / "silo")
         with CrossLMClient(address(server), "a") as client:
-            client.upload(folder, manifest, "a-typo-00001")
-            sub = client.submit("a-typo-00001")
-            events = list(client.watch(sub.submission_id))
+            done, events = round_trip(client, *tiny_bundle(tmp_path / "silo"), "a-typo-00001")
+        assert done.stage is Stage.FAILED
         assert events[-1].kind is EventKind.FAILED and "'generatin'" in events[-1].fields["reason"]
     finally:
         server.stop(grace=1)
