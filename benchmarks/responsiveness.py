@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from crosslm_shared.records import TERMINAL_EVENTS, EventKind
 from _common import (HERE, MiB, REPO, base_parser, big_bundle, emit_json, load_avg, machine, percentile,
                      print_table, ratio, runqueue_wait_s, server_keys, start_server, workdir)
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     events.append((time.time(), e.kind))
                 done.set()
             threading.Thread(target=watch, daemon=True).start()
-            while not any(k == "started" for _, k in events) and not done.is_set():
+            while not any(k == EventKind.STARTED for _, k in events) and not done.is_set():
                 time.sleep(0.05)
             busy_start, wait0 = time.time(), runqueue_wait_s(server.pid)
             deadline = busy_start + (args.busy_s or float("inf"))
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             while not done.wait(gap) and time.time() + gap < deadline:
                 uploader.upload("busy")
             done.wait(max(0.0, deadline - time.time()))
-            busy = (busy_start, next((t for t, k in events if k in ("ready", "failed")), time.time()))
+            busy = (busy_start, next((t for t, k in events if k in TERMINAL_EVENTS), time.time()))
             wait["busy"] = (runqueue_wait_s(server.pid) - wait0) / (busy[1] - busy[0])
             client.close()
         finally:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         samples = [json.loads(line) for line in probe_out.read_text().splitlines() if line.strip()]
     outcome = events[-1][1] if events else "none"
-    if outcome == "failed" or not any(k == "started" for _, k in events):
+    if outcome == EventKind.FAILED or not any(k == EventKind.STARTED for _, k in events):
         raise SystemExit(f"the round failed or never started: {events}")
     spans = uploader.spans
     stats: dict[str, dict] = {}
@@ -174,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     # the probes between one kind of engine event and the next (engines report a step when it
     # ends: the window after "scoring" holds scoring, filtering and the first LoRA step)
     stages = []
-    marks = [(t, k) for t, k in events if k not in ("queued",)]
+    marks = [(t, k) for t, k in events if k != EventKind.QUEUED]
     for (t0, k), (t1, _) in zip(marks, marks[1:] + [(busy[1], "")]):
-        k = "generating" if k == "started" else k
+        k = EventKind.GENERATING if k == EventKind.STARTED else k
         if stages and stages[-1][0] == k:
             stages[-1] = (k, stages[-1][1], t1)
         else:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["probe", "n", "failed", "p50 ms", "p99 ms", "max ms"], rows,
                 title=f"health latency, idle vs a round ({busy[1] - busy[0]:.0f} s busy, settings {args.set or 'rt-4silo'})")
     print(f"server run-queue wait (threads runnable, no CPU free): idle {wait['idle']:.3f} s/s, "
-          f"busy {wait['busy']:.3f} s/s; the round {'finished' if outcome == 'ready' else 'was cut at the window end'}\n")
+          f"busy {wait['busy']:.3f} s/s; the round {'finished' if outcome == EventKind.READY else 'was cut at the window end'}\n")
     print_table(["upload", "runs", "median MiB/s", "vs idle"],
                 [["idle", len(uploader.rates["idle"]), up_idle, 1.0],
                  ["busy", len(uploader.rates["busy"]), up_busy, ratio(up_busy, up_idle)]])
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                "server_set": args.server_set, "engine_threads": args.engine_threads, **figures,
                "goals_met": goals, "latency": stats, "latency_by_stage": by_stage,
                "upload_mib": args.upload_mib, "upload_mib_s": {"idle": uploader.rates["idle"], "busy": uploader.rates["busy"]},
-               "busy_window_s": round(busy[1] - busy[0], 1), "round_finished": outcome == "ready",
+               "busy_window_s": round(busy[1] - busy[0], 1), "round_finished": outcome == EventKind.READY,
                "runqueue_wait_s_per_s": {k: round(v, 3) for k, v in wait.items()}, "server_start_s": round(load_s, 1),
                "machine": machine(started_load=load0)}, args.out)
     return 0

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from crosslm_server.method.config import load_config
     from crosslm_server.method.llm import load_llm
     from crosslm_server.method.round import run_round
+    from crosslm_shared.records import EventKind
     from crosslm_shared.slm import new_slm
     from crosslm_shared.tasks import load_task
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_round(llm, task, slms[0], slms, cfg.round, seed=args.seed,
                        emit=lambda kind, fields: cpu_at.setdefault(kind, time.process_time()))
     round_s, round_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    ends = [cpu0, cpu_at.get("scoring", cpu0), cpu_at.get("training_slm", cpu0), cpu0 + round_cpu]
+    ends = [cpu0, cpu_at.get(EventKind.SCORING, cpu0), cpu_at.get(EventKind.TRAINING_SLM, cpu0), cpu0 + round_cpu]
     cpu = {"generate": ends[1] - ends[0], "score_filter_update_llm": ends[2] - ends[1], "enhance_slm": ends[3] - ends[2]}
     ref_after = reference_s(llm, repeats)
     ref = (ref_before + ref_after) / 2

@@ -40,6 +40,7 @@ import _common  # noqa: F401 - puts the tests' engines and tiny SLMs (tests/fake
 from crosslm_client.config import load_silo_config
 from crosslm_client.daemon import run
 from crosslm_shared.certs import make_certs
+from crosslm_shared.records import Stage
 
 HOSTILE = "hostile"
 OPERATOR_TOKEN = "soak-operator-token-0123456789"
@@ -257,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     proc.wait(60)
     per_upload = Counter(s["upload_id"] for s in subs)
     expected = args.silos * args.rounds
-    ready = sum(s["stage"] == "ready" for s in subs)
+    ready = sum(s["stage"] == Stage.READY for s in subs)
     rss = [mib for _, mib in samples]
     summary = {"silos": args.silos, "rounds": args.rounds, "expected": expected, "submissions": len(subs),
                "ready": ready, "lost": expected - ready, "duplicated": sum(n - 1 for n in per_upload.values()),
-               "failed": sum(s["stage"] == "failed" for s in subs),
+               "failed": sum(s["stage"] == Stage.FAILED for s in subs),
                "daemon_failures": {n: r for n, r in results.items() if not isinstance(r, list)},
                "daemon_outcomes": dict(Counter(o for r in results.values() if isinstance(r, list) for o in r)),
                "elapsed_s": round(elapsed, 1),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from crosslm_shared.records import EventKind
 from crosslm_shared.transfer import tune_malloc_for_chunks
 
 import _raw_grpc as raw
@@ -96,7 +97,7 @@ def run_crosslm(server: ServerProcess, folder: Path, manifest, tag: str, chunk: 
         up = _timed(server.pid, lambda: client.upload(folder, manifest, tag))
         sub = client.submit(tag)
         kinds = [e.kind for e in client.watch(sub.submission_id)]
-        if kinds[-1] != "ready":
+        if kinds[-1] != EventKind.READY:
             raise SystemExit(f"echo round failed: {kinds}")
         result = client.get_submission(sub.submission_id).result
         down = _timed(server.pid, lambda: client.download(sub.submission_id, result, dest))

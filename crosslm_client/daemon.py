@@ -32,6 +32,7 @@ from crosslm_shared.convert import manifest_to_json
 from crosslm_shared.data import heldout_split, read_labelled
 from crosslm_shared.schema import as_table
 from crosslm_shared.errors import DataError
+from crosslm_shared.records import Stage
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     report["events"] = events
     done = client.get_submission(sub.submission_id)
     report["server_metrics"] = dict(done.metrics)
-    if done.stage != "ready" or done.result is None:
-        report.update(outcome="failed", error=done.error, kept="previous", accuracy_after=state.accuracy,
+    if done.stage != Stage.READY or done.result is None:
+        report.update(outcome=Stage.FAILED, error=done.error, kept="previous", accuracy_after=state.accuracy,
                       seconds=round(time.monotonic() - started, 3))
         if state.test_accuracy is not None:
             report["test_accuracy_after"] = state.test_accuracy
@@ -198,7 +199,7 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     current = family.load(config, state.model_dir)
     chosen, info = family.continue_and_choose(config, current, family.load(config, dest), train, held, synthetic)
     adopted = bool(info["adopted"])
-    report.update(outcome="ready", selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
+    report.update(outcome=Stage.READY, selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
                   kept="enhanced" if adopted else "previous")
     if adopted:
         status("evaluating", round_no)

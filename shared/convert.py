@@ -1,17 +1,20 @@
 """The one place that converts protobuf messages to and from CrossLM's frozen records.
 
 Everything past the servicer and the client's transport works on dataclasses only.
-Manifests also round-trip through JSON here (the store keeps them as JSON text).
+Manifests also round-trip through JSON here (the store keeps them as JSON text). Metrics and
+event fields travel typed (crosslm.v1.Value) and, for clients from before typed values, also in
+the deprecated string maps, which this module fills and never parses back.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from crosslm_shared.bundle import FileEntry, Manifest
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
-from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.records import Event, EventKind, Stage, Submission, Upload, Value
 from crosslm_shared.transfer import Chunk
 
 # plaintext dev mode only: the silo names itself in this gRPC metadata header (under mTLS the
@@ -182,10 +185,79 @@ def upload_status_from_pb(msg: pb.UploadStatus) -> tuple[dict[str, int], bool]:
     return {f.name: f.committed for f in msg.files}, msg.complete
 
 
+# ---- stages, event kinds and typed values ----------------------------------------------------
+# The proto enums mirror Stage and EventKind member for member (STAGE_<NAME>, EVENT_KIND_<NAME>);
+# building these tables fails at import if a Python member has no proto twin.
+_PB_STAGE = {stage: pb.Stage.Value(f"STAGE_{stage.name}") for stage in Stage}
+_STAGE_OF = {number: stage for stage, number in _PB_STAGE.items()}
+_PB_KIND = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.name}") for kind in EventKind}
+_KIND_OF = {number: kind for kind, number in _PB_KIND.items()}
+_LISTS = ("double_list", "int_list", "string_list")
+
+
+def value_to_pb(v: Value) -> pb.Value:
+    """A typed value (crosslm_shared.records.typed_value) as crosslm.v1.Value."""
+    if isinstance(v, bool):
+        return pb.Value(bool=v)
+    if isinstance(v, int):
+        return pb.Value(int=v)
+    if isinstance(v, float):
+        return pb.Value(double=v)
+    if isinstance(v, str):
+        return pb.Value(string=v)
+    if v and isinstance(v[0], str):
+        return pb.Value(string_list=pb.StringList(values=v))
+    if v and isinstance(v[0], int):
+        return pb.Value(int_list=pb.IntList(values=v))
+    return pb.Value(double_list=pb.DoubleList(values=v))
+
+
+def value_from_pb(msg: pb.Value) -> Value | None:
+    """The value a crosslm.v1.Value holds; None when it holds a type this code does not know."""
+    kind = msg.WhichOneof("kind")
+    if kind in _LISTS:
+        return tuple(getattr(msg, kind).values)
+    return None if kind is None else getattr(msg, kind)
+
+
+def legacy_string(v: Value) -> str:
+    """How the deprecated string maps carry a value (what clients from before typed values parse):
+    floats with 6 significant digits, lists comma-joined, booleans True / False."""
+    if isinstance(v, tuple):
+        return ",".join(legacy_string(x) for x in v)
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _values_to_pb(values: Mapping[str, Value], typed, legacy) -> None:
+    for key, v in values.items():
+        typed[key].CopyFrom(value_to_pb(v))
+        legacy[key] = legacy_string(v)
+
+
+def _values_from_pb(typed, legacy) -> dict[str, Value]:
+    """The typed map; a key only in the string map (a server from before typed values, or a type
+    this code cannot read) keeps its string, never parsed."""
+    out: dict[str, Value] = dict(legacy)
+    for key, msg in typed.items():
+        v = value_from_pb(msg)
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def _json_safe(v: Value) -> Any:
+    """JSON has no NaN or infinity: those become null (the HTTP view)."""
+    if isinstance(v, tuple):
+        return [_json_safe(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+# ---- submissions and events ------------------------------------------------------------------
 def submission_to_pb(s: Submission) -> pb.Submission:
     msg = pb.Submission(submission_id=s.submission_id, upload_id=s.upload_id, silo=s.silo,
-                        task=s.task, stage=s.stage, error=s.error, created_at=s.created_at,
-                        updated_at=s.updated_at, metrics=dict(s.metrics))
+                        task=s.task, stage=s.stage.value, typed_stage=_PB_STAGE[s.stage], error=s.error,
+                        created_at=s.created_at, updated_at=s.updated_at)
+    _values_to_pb(s.metrics, msg.typed_metrics, msg.metrics)
     if s.result is not None:
         msg.result.CopyFrom(manifest_to_pb(s.result))
     return msg
@@ -193,28 +265,27 @@ def submission_to_pb(s: Submission) -> pb.Submission:
 
 def submission_from_pb(msg: pb.Submission) -> Submission:
     return Submission(submission_id=msg.submission_id, upload_id=msg.upload_id, silo=msg.silo,
-                      task=msg.task, stage=msg.stage, error=msg.error, created_at=msg.created_at,
-                      updated_at=msg.updated_at, metrics=dict(msg.metrics),
+                      task=msg.task, stage=_STAGE_OF.get(msg.typed_stage) or Stage(msg.stage), error=msg.error,
+                      created_at=msg.created_at, updated_at=msg.updated_at,
+                      metrics=_values_from_pb(msg.typed_metrics, msg.metrics),
                       result=manifest_from_pb(msg.result) if msg.HasField("result") else None)
 
 
 def submission_to_dict(s: Submission) -> dict[str, Any]:
+    """The HTTP view's JSON: typed metrics as JSON values (non-finite floats as null)."""
     return {"submission_id": s.submission_id, "upload_id": s.upload_id, "silo": s.silo,
-            "task": s.task, "stage": s.stage, "error": s.error, "created_at": s.created_at,
-            "updated_at": s.updated_at, "metrics": dict(s.metrics),
+            "task": s.task, "stage": s.stage.value, "error": s.error, "created_at": s.created_at,
+            "updated_at": s.updated_at, "metrics": {k: _json_safe(v) for k, v in s.metrics.items()},
             "result": manifest_to_dict(s.result) if s.result else None}
 
 
 def event_to_pb(e: Event) -> pb.Event:
-    return pb.Event(submission_id=e.submission_id, seq=e.seq, kind=e.kind, time=e.time,
-                    fields=dict(e.fields))
+    msg = pb.Event(submission_id=e.submission_id, seq=e.seq, kind=str(e.kind), time=e.time,
+                   typed_kind=_PB_KIND.get(e.kind, pb.EVENT_KIND_UNSPECIFIED))
+    _values_to_pb(e.fields, msg.typed_fields, msg.fields)
+    return msg
 
 
 def event_from_pb(msg: pb.Event) -> Event:
-    return Event(submission_id=msg.submission_id, seq=msg.seq, kind=msg.kind, time=msg.time,
-                 fields=dict(msg.fields))
-
-
-def stringify_fields(fields: Mapping[str, Any]) -> dict[str, str]:
-    """Event fields and metrics travel as strings; floats keep 6 significant digits."""
-    return {str(k): (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in fields.items()}
+    return Event(submission_id=msg.submission_id, seq=msg.seq, kind=_KIND_OF.get(msg.typed_kind) or msg.kind,
+                 time=msg.time, fields=_values_from_pb(msg.typed_fields, msg.fields))

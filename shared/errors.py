@@ -64,6 +64,10 @@ class RoundError(CrossLMError):
     """A round cannot go on; the message is written for the silo (no server paths)."""
 
 
+class RecordValueError(CrossLMError):
+    """A metric, event field or event kind the wire cannot carry; the message names it."""
+
+
 class UploadConflictError(CrossLMError):
     """An upload id is reused with a different manifest (ALREADY_EXISTS)."""
 

@@ -61,6 +61,14 @@ def address(server) -> str:
     return f"127.0.0.1:{server.grpc_port}"
 
 
+def round_trip(c, folder, manifest, upload_id):
+    """Upload, submit and watch one round with client `c`; (the submission at the end, its events)."""
+    c.upload(folder, manifest, upload_id)
+    sub = c.submit(upload_id)
+    events = list(c.watch(sub.submission_id))
+    return c.get_submission(sub.submission_id), events
+
+
 # ---- raw wire messages, for tests that speak gRPC without the client ----------------------
 def header(upload_id, manifest):
     return pb.UploadRequest(header=pb.UploadHeader(upload_id=upload_id, manifest=convert.manifest_to_pb(manifest)))

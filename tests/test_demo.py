@@ -108,17 +108,17 @@ def test_demo_runs_four_silos_and_writes_the_report(tmp_path, demo_config):
         assert json.loads((out / name / "status.json").read_text())["phase"] == "done"
 
 
-def test_progress_lines_say_which_stage_and_k_of_n():
+def test_progress_lines_say_which_stage_and_done_of_total():
     from crosslm_server.experiments.demo_progress import describe
 
     def server(event, **fields):
         return describe({"phase": "server", "round": 1, "rounds": 2, "event": event, "fields": fields})
 
-    assert server("generating", done="48", total="64") == "round 1/2: server: generating synthetic examples 48/64"
-    assert server("training_llm", step="3", total="8", loss="0.7") == \
+    assert server("generating", done=48, total=64) == "round 1/2: server: generating synthetic examples 48/64"
+    assert server("training_llm", done=3, total=8, loss=0.7) == \
         "round 1/2: server: updating the LLM (LoRA) step 3/8"
-    assert server("queued", position="2") == "round 1/2: queued on the server (position 2)"
-    assert server("evaluating_llm", texts="100", docs="10") == \
+    assert server("queued", position=2) == "round 1/2: queued on the server (position 2)"
+    assert server("evaluating_llm", texts=100, docs=10) == \
         "round 1/2: server: measuring the LLM (100 zero-shot texts, 10 perplexity documents)"
     assert server("failed", reason="boom").endswith("round FAILED on the server: boom")
     assert describe({"phase": "training", "round": 0, "arch": "mpnet4", "examples": 96}) == \

@@ -137,7 +137,8 @@ def test_the_llm_is_measured_at_load_and_after_every_nth_version(tmp_path, tiny_
     assert events.count("evaluating_llm") == 1
     assert first["llm_base_acc"] == second["llm_base_acc"] and first["llm_base_ppl"] > 1
     assert abs(sum(second[f"llm_rate_{name}"] for name in task.label_names) - 1) < 1e-6
-    assert len(first["reward_hist"].split(",")) == 10 and len(first["kept_per_label"].split(",")) == 3
+    assert len(first["reward_hist"]) == 10 and len(first["kept_per_label"]) == 3
+    assert all(isinstance(n, int) for n in first["reward_hist"] + first["kept_per_label"])
     with pytest.raises(ConfigError, match="eval_data"):
         create_engine("crosslm", options | {"eval_data": str(tmp_path / "missing.csv")})
 

@@ -26,8 +26,8 @@ from crosslm_shared.errors import BundleError
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2 as pb
 from crosslm_shared.protos.crosslm.v1 import crosslm_pb2_grpc as pb_grpc
 from crosslm_shared.transfer import iter_chunks
-from service_helpers import (LABELS, OPERATOR_TOKEN, chunk, header, http_get, messages, refused, start_server,
-                             tiny_bundle, tls_server_config)
+from service_helpers import (LABELS, OPERATOR_TOKEN, chunk, header, http_get, messages, refused, round_trip,
+                             start_server, tiny_bundle, tls_server_config)
 
 pytestmark = pytest.mark.hostile
 CODE = grpc.StatusCode
@@ -71,13 +71,6 @@ def bundle_of(root: Path, silo: str, *, seed: int = 0, labels=LABELS, task="rt",
     return folder, make_manifest(folder, task=task, silo=silo, arch="tiny", labels=labels, **kw)
 
 
-def round_trip(c: CrossLMClient, folder, manifest, upload_id):
-    c.upload(folder, manifest, upload_id)
-    sub = c.submit(upload_id)
-    events = list(c.watch(sub.submission_id))
-    return c.get_submission(sub.submission_id), events
-
-
 def health_check(server, certs, *, timeout=10.0) -> float:
     """Seconds the gRPC health check took, within `timeout` (raises beyond)."""
     started = time.monotonic()
@@ -101,7 +94,7 @@ def test_an_slm_scores_others_only_after_its_own_round_succeeded(tmp_path, certs
             assert done.stage == "failed"
             assert s.store.peers("rt") == {}
             done, _ = round_trip(a, *bundle_of(tmp_path, "a"), "a-admit-0001")
-            assert done.stage == "ready" and done.metrics["peers"] == "1"  # h's SLM scored nothing
+            assert done.stage == "ready" and done.metrics["peers"] == 1  # h's SLM scored nothing
             assert set(s.store.peers("rt")) == {"a"}
     finally:
         s.stop(grace=1)
@@ -202,7 +195,7 @@ def test_a_scorer_that_goes_bad_is_dropped_from_a_round_which_goes_on(tmp_path, 
             assert done.stage == "ready" and set(s.store.peers("rt")) == {"h"}
             _nan_weights(s.service.bundle_dir("h-drop-00001"))  # h's admitted SLM goes bad on the server
             done, events = round_trip(a, *bundle_of(tmp_path, "a", seed=1), "a-drop-00001")
-        assert done.stage == "ready" and done.metrics["peers"] == "1"
+        assert done.stage == "ready" and done.metrics["peers"] == 1
         dropped = [e for e in events if e.kind == "scorer_dropped"]
         assert [e.fields["silo"] for e in dropped] == ["h"] and "non-finite" in dropped[0].fields["reason"]
     finally:
@@ -245,7 +238,7 @@ def test_a_round_that_fails_after_the_engine_ran_publishes_nothing(tmp_path, cer
             ready, _ = round_trip(a, *bundle_of(tmp_path, "a"), "a-publish-01")
         assert failed.stage == "failed" and ready.stage == "ready"
         assert engine.calls == [("discard", "h"), ("commit", "a")]
-        assert ready.metrics["adapter_version"] == "1"
+        assert ready.metrics["adapter_version"] == 1
         assert not s.service.result_dir(failed.submission_id).exists()
     finally:
         s.stop(grace=1)

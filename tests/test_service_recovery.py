@@ -227,7 +227,7 @@ def test_server_killed_mid_round_never_applies_a_round_twice_to_the_llm_adapter(
             metrics = client.get_submission(sub.submission_id).metrics
         versions = AdapterStore(tmp_path / "data" / "adapters").versions()
         # one version, or none when the round kept no sample (such a round never changes the LLM)
-        updated = metrics.get("llm_updated", "1") == "1"  # no key: a rerun whose version was saved before the kill
+        updated = metrics.get("llm_updated", 1) == 1  # no key: a rerun whose version was saved before the kill
         assert [v.meta["submission_id"] for v in versions] == ([sub.submission_id] if updated else []), metrics
     finally:
         server.stop()

@@ -1,9 +1,13 @@
 """Store contract, written once and run on memory, SQLite :memory: and SQLite on a file."""
+import json
+import sqlite3
+
 import pytest
 
 from crosslm_shared.bundle import FileEntry, Manifest
 from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError
-from crosslm_shared.records import Upload
+from crosslm_shared.errors import RecordValueError
+from crosslm_shared.records import EventKind, Stage, Upload
 from crosslm_server.service.store import MemoryStore
 from crosslm_shared.errors import UploadConflictError
 from crosslm_server.service.store.sqlite import SQLiteStore
@@ -142,3 +146,59 @@ def test_sqlite_state_survives_reopen(tmp_path):
     assert s.requeue_running(now=3.0) == ["s-up-00001"]
     assert s.append_event("s-up-00001", "queued", {}, now=3.0).seq == 2
     s.close()
+
+
+TYPED = {"kl": 0.1 + 0.2, "losses": (1 / 3, 1e-300), "kept": 2**62 + 1, "updated": False, "hist": (0, 3),
+         "labels": ("neg", "pos"), "none": (), "note": "x", "nan": float("nan")}
+
+
+def assert_same_typed(got, want):
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if value != value:  # NaN
+            assert got[key] != got[key], key
+        else:
+            assert got[key] == value and type(got[key]) is type(value), (key, got[key])
+
+
+def test_metrics_and_event_fields_come_back_typed(store):
+    submitted(store, "up-00001")
+    store.claim_next(now=2.0)
+    store.append_event("s-up-00001", EventKind.TRAINING_LLM, TYPED, now=3.0)
+    store.finish("s-up-00001", result=manifest(), metrics=TYPED, now=4.0)
+    assert_same_typed(store.get_submission("s-up-00001").metrics, TYPED)
+    assert_same_typed(store.list_submissions()[0].metrics, TYPED)
+    (event,) = store.events_after("s-up-00001", 0)
+    assert event.kind is EventKind.TRAINING_LLM
+    assert_same_typed(event.fields, TYPED)
+    assert store.get_submission("s-up-00001").stage is Stage.READY
+
+
+def test_a_metric_the_wire_cannot_carry_is_refused_and_nothing_is_stored(store):
+    submitted(store, "up-00001")
+    store.claim_next(now=2.0)
+    with pytest.raises(RecordValueError, match="'bad'"):
+        store.finish("s-up-00001", result=manifest(), metrics={"bad": {"a": 1}}, now=3.0)
+    assert store.get_submission("s-up-00001").stage is Stage.RUNNING and store.peers("rt") == {}
+    with pytest.raises(RecordValueError, match="'bad'"):
+        store.append_event("s-up-00001", EventKind.SCORING, {"bad": [1, "a"]}, now=3.0)
+    assert store.events_after("s-up-00001", 0) == []
+
+
+def test_a_data_dir_from_before_typed_values_reads_back_its_strings(tmp_path):
+    """Servers before typed values stored metrics and fields as JSON objects of strings: an upgraded
+    server reads them as those strings (no schema change, nothing parsed)."""
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path)
+    submitted(store, "up-00001")
+    store.close()
+    with sqlite3.connect(path) as db:  # the rows an old server wrote for a finished round
+        db.execute("UPDATE submissions SET stage = 'ready', metrics = :m", {"m": json.dumps({"kl": "0.123457"})})
+        db.execute("INSERT INTO events (submission_id, seq, kind, time, fields) VALUES ('s-up-00001', 1, "
+                   "'generating', 1.0, :f)", {"f": json.dumps({"k": "5", "n": "10"})})
+    store = SQLiteStore(path)
+    sub = store.get_submission("s-up-00001")
+    assert sub.stage is Stage.READY and dict(sub.metrics) == {"kl": "0.123457"}
+    (event,) = store.events_after("s-up-00001", 0)
+    assert event.kind is EventKind.GENERATING and dict(event.fields) == {"k": "5", "n": "10"}
+    store.close()

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.records import EventKind, Value
 from crosslm_shared.plugins import import_object, is_import_path
 
-Emit = Callable[[str, Mapping[str, Any]], None]
-
+Emit = Callable[[EventKind, Mapping[str, Value]], None]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RoundRequest:
 @dataclass(frozen=True)
 class RoundOutcome:
     slm_dir: Path                       # enhanced SLM folder (same file layout) to bundle and send back
-    metrics: Mapping[str, float | int | str] = field(default_factory=dict)
+    metrics: Mapping[str, Value] = field(default_factory=dict)  # typed: crosslm_shared.records.typed_value
 
 
 @runtime_checkable
@@ -44,10 +44,13 @@ class Engine(Protocol):
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
         """Run one enhancement round; report progress with emit(kind, fields).
 
-        kinds: generating (k, n), scoring, training_llm (step, loss), training_slm, or any
-        other; fields `tokens_per_s` and `kept` feed the server's metrics. Raise to fail the
-        round: a CrossLMError's message is the reason the silo sees (paths cut to their last
-        part), any other error is named by its type only.
+        kind: an EventKind (generating, scoring, scorer_dropped, training_llm, filtering,
+        training_slm, evaluating_llm, resumed); another kind fails the round. Fields and metrics
+        are typed values (numbers, strings, bools, flat lists) and reach the silo as they are.
+        Progress is `done` of `total` (generating, training_llm); fields `tokens_per_s` and
+        `kept` feed the server's metrics. Raise to fail the round: a CrossLMError's message is
+        the reason the silo sees (paths cut to their last part), any other error is named by
+        its type only.
         """
 
     # Optional (the worker uses them when an engine has them):

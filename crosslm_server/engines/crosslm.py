@@ -40,6 +40,7 @@ from crosslm_shared.atomic import write_text_atomic
 from crosslm_shared.bundle import SYNTHETIC_FILE, write_synthetic
 from crosslm_shared.data import load_examples
 from crosslm_shared.errors import ConfigError, PreconditionError
+from crosslm_shared.records import EventKind
 from crosslm_shared.slm import load_slm
 from crosslm_shared.tasks import DataSource, TaskSpec, load_task
 
@@ -213,15 +214,15 @@ class CrossLMEngine:
         if generated is not None:
             log.info("submission %s: resuming after generation (%d samples on disk)", request.submission_id,
                      len(generated.samples))
-            emit("resumed", {"stage": "scoring", "samples": len(generated.samples)})
+            emit(EventKind.RESUMED, {"stage": EventKind.SCORING.value, "samples": len(generated.samples)})
         res = run_round(self.llm, task, submitter, peers or [submitter], rcfg, seed=seed, emit=emit,
                         generated=generated, update=applied is None,
                         on_generated=lambda g: write_text_atomic(checkpoint, json.dumps(g.to_json())))
         out = res.enhanced.save(work / "enhanced")
         self._attach_synthetic(out, task, request.submission_id, res.synthetic)
-        metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
+        # numbers, strings and lists (reward_hist, kept_per_label) travel as they are
+        metrics: dict[str, Any] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str, list))}
         metrics |= {f"seconds_{k}": v for k, v in res.metrics["seconds_per_stage"].items()}
-        metrics |= {k: ",".join(str(int(x)) for x in res.metrics[k]) for k in ("reward_hist", "kept_per_label")}
         self._pending.applied = applied is not None
         self._pending.metrics = metrics
         metrics |= self.baseline
@@ -251,7 +252,7 @@ class CrossLMEngine:
             self._version = version.version
             extra: dict[str, Any] = {"adapter_version": version.version, "llm_updated": 1}
             if self.eval_set is not None and version.version % self.eval_every == 0:
-                pending.emit("evaluating_llm", {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
+                pending.emit(EventKind.EVALUATING_LLM, {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
                 extra |= self._evaluate("llm")
                 log.info("LLM after adapter v%d: acc %.4f, ppl %.3f", version.version, extra["llm_acc"],
                          extra["llm_ppl"])

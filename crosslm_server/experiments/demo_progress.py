@@ -1,7 +1,7 @@
 """Live progress of `crosslm demo`: one line whenever a silo or the server moves on.
 
 A silo's line comes from its daemon's ``status.json`` (its phase, and the server's latest event
-for its submission: which stage, k of n); the server's from its HTTP side (``/readyz``,
+for its submission: which stage, done of total); the server's from its HTTP side (``/readyz``,
 ``/v1/submissions``, ``/metrics``). Lines are printed, not redrawn, so a log of the demo reads the
 same as the terminal.
 """
@@ -14,22 +14,27 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-SERVER_EVENTS: dict[str, Callable[[dict], str]] = {
-    "queued": lambda f: f"queued on the server (position {f.get('position', '?')})",
-    "started": lambda f: "the server started its round",
-    "resumed": lambda f: f"the server resumed its round at {f.get('stage', '?')}",
-    "generating": lambda f: "server: generating synthetic examples "
-                            f"{f.get('done', f.get('k', '?'))}/{f.get('total', f.get('n', '?'))}",
-    "scoring": lambda f: f"server: scoring {f.get('samples', '')} examples with every silo's SLM".replace("  ", " "),
-    "training_llm": lambda f: f"server: updating the LLM (LoRA) step {f.get('step', '?')}/{f.get('total', '?')}",
-    "filtering": lambda f: "server: filtering",
-    "training_slm": lambda f: f"server: enhancing its SLM on {f.get('samples', f.get('examples', '?'))} kept examples",
-    "evaluating_llm": lambda f: f"server: measuring the LLM ({f.get('texts', '?')} zero-shot texts, "
-                                f"{f.get('docs', '?')} perplexity documents)",
-    "ready": lambda f: "enhanced SLM ready on the server",
-    "failed": lambda f: f"round FAILED on the server: {f.get('reason', '?')}",
-}
+from crosslm_shared.records import EventKind, Stage
 
+def _progress(f: dict) -> str:
+    """Every engine reports progress as `done` of `total`."""
+    return f"{f.get('done', '?')}/{f.get('total', '?')}"
+
+
+SERVER_EVENTS: dict[str, Callable[[dict], str]] = {
+    EventKind.QUEUED: lambda f: f"queued on the server (position {f.get('position', '?')})",
+    EventKind.STARTED: lambda f: "the server started its round",
+    EventKind.RESUMED: lambda f: f"the server resumed its round at {f.get('stage', '?')}",
+    EventKind.GENERATING: lambda f: f"server: generating synthetic examples {_progress(f)}",
+    EventKind.SCORING: lambda f: f"server: scoring {f.get('samples', '')} examples with every silo's SLM".replace("  ", " "),
+    EventKind.TRAINING_LLM: lambda f: f"server: updating the LLM (LoRA) step {_progress(f)}",
+    EventKind.FILTERING: lambda f: "server: filtering",
+    EventKind.TRAINING_SLM: lambda f: f"server: enhancing its SLM on {f.get('samples', '?')} kept examples",
+    EventKind.EVALUATING_LLM: lambda f: f"server: measuring the LLM ({f.get('texts', '?')} zero-shot texts, "
+                                        f"{f.get('docs', '?')} perplexity documents)",
+    EventKind.READY: lambda f: "enhanced SLM ready on the server",
+    EventKind.FAILED: lambda f: f"round FAILED on the server: {f.get('reason', '?')}",
+}
 
 
 def arch_label(arch: str) -> str:
@@ -121,27 +126,36 @@ class Progress:
         except (OSError, ValueError, KeyError):
             return "starting", ""
         total = len(self.layout.archs) * self.layout.rounds
-        by_stage = {s: [x for x in subs if x["stage"] == s] for s in ("queued", "running", "ready", "failed")}
-        parts = [f"ready: {len(by_stage['ready'])}/{total} rounds done"]
-        for sub in by_stage["running"]:
+        by_stage = {s: [x for x in subs if x["stage"] == s] for s in Stage}
+        parts = [f"ready: {len(by_stage[Stage.READY])}/{total} rounds done"]
+        for sub in by_stage[Stage.RUNNING]:
             parts.append(f"running {sub['silo']} round {_round_of(sub)}")
-        if by_stage["queued"]:
-            parts.append(f"{len(by_stage['queued'])} queued")
-        if by_stage["failed"]:
-            parts.append(f"{len(by_stage['failed'])} FAILED")
-        measured = [x["metrics"] for x in by_stage["ready"] if "llm_acc" in x["metrics"]]
+        if by_stage[Stage.QUEUED]:
+            parts.append(f"{len(by_stage[Stage.QUEUED])} queued")
+        if by_stage[Stage.FAILED]:
+            parts.append(f"{len(by_stage[Stage.FAILED])} FAILED")
+        # metrics are typed JSON values; a non-finite one is null (crosslm_shared.convert.submission_to_dict)
+        measured = [x["metrics"] for x in by_stage[Stage.READY] if "llm_acc" in x["metrics"]]
         if measured:
-            last = max(measured, key=lambda m: int(m["adapter_version"]))
-            parts.append(f"LLM zero-shot {100 * float(last['llm_acc']):.1f} %, perplexity "
-                         f"{float(last['llm_ppl']):.2f} after update {last['adapter_version']}")
-        elif by_stage["ready"] and "llm_base_acc" in by_stage["ready"][0]["metrics"]:
-            m = by_stage["ready"][0]["metrics"]
-            parts.append(f"LLM at start: zero-shot {100 * float(m['llm_base_acc']):.1f} %, "
-                         f"perplexity {float(m['llm_base_ppl']):.2f}")
+            last = max(measured, key=lambda m: m["adapter_version"])
+            parts.append(f"LLM zero-shot {_percent(last['llm_acc'])}, perplexity "
+                         f"{_fixed(last['llm_ppl'])} after update {last['adapter_version']}")
+        elif by_stage[Stage.READY] and "llm_base_acc" in by_stage[Stage.READY][0]["metrics"]:
+            m = by_stage[Stage.READY][0]["metrics"]
+            parts.append(f"LLM at start: zero-shot {_percent(m['llm_base_acc'])}, "
+                         f"perplexity {_fixed(m['llm_base_ppl'])}")
         speed = re.search(r"^crosslm_generation_tokens_per_second (\S+)", metrics, re.M)
-        tokens_per_s = float(speed.group(1)) if speed and by_stage["running"] else 0.0
+        tokens_per_s = float(speed.group(1)) if speed and by_stage[Stage.RUNNING] else 0.0
         detail = f" ({tokens_per_s:.0f} tokens/s)" if tokens_per_s else ""
         return "; ".join(parts), detail
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f} %"
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _mb(size: int) -> str:

@@ -20,25 +20,10 @@ from typing import Any
 import numpy as np
 
 from crosslm_shared.errors import DemoReportError
+from crosslm_shared.records import Stage
 
 STAGES = ("generate", "score", "filter", "update_llm", "enhance_slm")
 
-
-
-def _number(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
-def _metrics(raw: dict[str, str]) -> dict[str, Any]:
-    """The server's round metrics arrive as strings; numbers back to numbers, lists to lists."""
-    out: dict[str, Any] = {}
-    for key, text in raw.items():
-        try:
-            out[key] = _number(text)
-        except ValueError:
-            out[key] = [int(x) for x in text.split(",")] if key in ("reward_hist", "kept_per_label") else text
-    return out
 
 
 def _llm_figures(metrics: dict[str, Any], prefix: str, labels: list[str]) -> dict[str, Any]:
@@ -73,8 +58,8 @@ def build_report(silo_dirs: dict[str, Path], *, rounds: int, header: dict[str, A
             "adopted": [r["kept"] == "enhanced" for r in reps], "heldout_local": first["accuracy_before"],
             "heldout_after": [r["accuracy_after"] for r in reps], "train": first.get("train", {})}
         for rep in reps[:rounds]:
-            m = _metrics(rep.get("server_metrics", {}))
-            if rep["outcome"] != "ready":
+            m = rep.get("server_metrics", {})  # typed as the engine reported them (ints, floats, lists)
+            if rep["outcome"] != Stage.READY:
                 report["failed_rounds"].append({"silo": name, "round": rep["round"], "error": rep.get("error", "")})
                 continue
             per_round[rep["round"] - 1][name] = {

@@ -21,10 +21,11 @@ from crosslm_server.method.llm import LLM
 from crosslm_server.method.llm_update import update_llm
 from crosslm_server.method.reward import Scores, judged_proba, reward, score, standardise_per_label
 from crosslm_shared.errors import DataError
+from crosslm_shared.records import EventKind
 from crosslm_shared.slm import SLM
 from crosslm_shared.tasks import TaskSpec
 
-Emit = Callable[[str, Mapping[str, Any]], None]
+Emit = Callable[[EventKind, Mapping[str, Any]], None]
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RoundResult:
     synthetic: tuple[list[str], np.ndarray]  # the kept texts and the targets the SLM was enhanced on
 
 
-def _noop(kind: str, fields: Mapping[str, Any]) -> None:
+def _noop(kind: EventKind, fields: Mapping[str, Any]) -> None:
     pass
 
 
@@ -60,7 +61,7 @@ def usable_scorers(scorers: Sequence[SLM], texts: Sequence[str], emit: Emit = _n
         probs = np.asarray(slm.predict_proba(texts), dtype=np.float64)
         why = _degenerate(probs)
         if why:
-            emit("scorer_dropped", {"silo": slm.info.get("silo", f"peer-{i}"), "reason": why})
+            emit(EventKind.SCORER_DROPPED, {"silo": slm.info.get("silo", f"peer-{i}"), "reason": why})
             continue
         kept.append(_Scored(probs))
     if not kept:
@@ -97,7 +98,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
 
     t = time.perf_counter()
     gen = generated or generate(llm, task, cfg.generate, seed=seed,
-                                progress=lambda k, n: emit("generating", {"done": k, "total": n}))
+                                progress=lambda k, n: emit(EventKind.GENERATING, {"done": k, "total": n}))
     if generated is None and on_generated is not None:
         on_generated(gen)
     seconds["generate"] = time.perf_counter() - t
@@ -105,7 +106,7 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
     labels = [s.label for s in gen.samples]
 
     t = time.perf_counter()
-    emit("scoring", {"samples": len(texts)})
+    emit(EventKind.SCORING, {"samples": len(texts)})
     scorers = list(peers) if cfg.reward_from == "all" else [submitter]
     scores = score(usable_scorers(scorers, texts, emit), texts, labels)
     seconds["score"] = time.perf_counter() - t
@@ -120,12 +121,12 @@ def run_round(llm: LLM, task: TaskSpec, submitter: SLM, peers: Sequence[SLM], cf
                  else standardise_per_label(reward(judged, labels), labels))
     upd = (update_llm(llm, task, [s.prompt for s in gen.samples], texts, labels, advantage, keep,
                       cfg.update, seed=seed,
-                      progress=lambda k, n, loss: emit("training_llm", {"step": k, "total": n, "loss": loss}))
+                      progress=lambda k, n, loss: emit(EventKind.TRAINING_LLM, {"done": k, "total": n, "loss": loss}))
            if update else dict.fromkeys(("loss", "kl", "l_gen", "l_task", "l_prior"), float("nan")) | {"steps": 0})
     seconds["update_llm"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    emit("training_slm", {"samples": len(keep)})
+    emit(EventKind.TRAINING_SLM, {"samples": len(keep)})
     kept_texts = [texts[i] for i in keep]
     target = targets([labels[i] for i in keep], judged[keep], cfg.enhance) if keep else np.zeros((0, task.num_labels))
     enhanced, _ = enhance_slm(submitter, kept_texts, target, cfg.enhance, cfg.slm)

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from crosslm_shared.bundle import Manifest, check_safetensors_prefix, validate_bundle_dir, validate_manifest
-from crosslm_shared.convert import stringify_fields
 from crosslm_shared.errors import (BundleError, InvalidRequestError, NotFoundError, NotReadyError,
                                    PermissionDeniedError, PreconditionError, ResourceExhaustedError,
                                    StoppingError)
-from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.records import TERMINAL_EVENTS, Event, EventKind, Stage, Submission, Upload, event_kind
 from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_size, iter_chunks
 from crosslm_server.engines.admission import IsolatedChecker, TaskLabels, check_task
 from crosslm_server.service.config import Limits
@@ -257,7 +256,7 @@ class CrossLMService:
         sub, created = self.store.submit(upload_id, submission_id=f"sub-{uuid.uuid4().hex[:20]}", now=self.clock())
         if created:
             self.metrics.slm_accuracy.labels(silo, sub.task).set(upload.manifest.heldout_accuracy)
-            self.emit(sub.submission_id, "queued", {"position": self.store.queue_position(sub.submission_id)})
+            self.emit(sub.submission_id, EventKind.QUEUED, {"position": self.store.queue_position(sub.submission_id)})
             self.metrics.queue_depth.set(self.store.queue_depth())
             log.info("submission %s of silo %s (upload %s): queued", sub.submission_id, silo, upload_id)
             self.wake_worker()
@@ -313,8 +312,10 @@ class CrossLMService:
         return pruned
 
     # ---- events --------------------------------------------------------------------------
-    def emit(self, submission_id: str, kind: str, fields: Mapping[str, Any]) -> Event:
-        event = self.store.append_event(submission_id, kind, stringify_fields(fields), now=self.clock())
+    def emit(self, submission_id: str, kind: EventKind | str, fields: Mapping[str, Any]) -> Event:
+        """Append an event (typed fields, crosslm_shared.records.typed_value) and wake the watchers;
+        RecordValueError for a kind that is no EventKind or a field the wire cannot carry."""
+        event = self.store.append_event(submission_id, event_kind(kind), fields, now=self.clock())
         with self._changed:
             self._changed.notify_all()
         return event
@@ -334,7 +335,7 @@ class CrossLMService:
                 after_seq = event.seq
             if terminal and not events:
                 return
-            if events and events[-1].kind in ("ready", "failed"):
+            if events and events[-1].kind in TERMINAL_EVENTS:
                 return
             with self._changed:
                 self._changed.wait(poll_s)
@@ -348,7 +349,7 @@ class CrossLMService:
     def download(self, silo: str, submission_id: str, name: str, offset: int,
                  chunk_size: int = 0) -> Iterator[Chunk]:
         sub = self.get_submission(silo, submission_id)
-        if sub.stage != "ready" or sub.result is None:
+        if sub.stage != Stage.READY or sub.result is None:
             raise PreconditionError(f"submission {submission_id!r} is {sub.stage}, not ready: "
                                     "Watch it until the 'ready' event, then download")
         entry = sub.result.file(name)

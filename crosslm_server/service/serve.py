@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crosslm_shared.certs import read_pem
 from crosslm_shared.errors import ConfigError, CrossLMError
+from crosslm_shared.records import EventKind
 from crosslm_shared.transfer import tune_malloc_for_chunks
 from crosslm_server.engines.api import create_engine
 from crosslm_server.service.http import build_app
@@ -90,7 +91,7 @@ class Server:
     def start(self) -> "Server":
         requeued = self.store.requeue_running(now=self.service.clock())
         for sid in requeued:
-            self.service.emit(sid, "queued", {"position": self.store.queue_position(sid), "rerun": True})
+            self.service.emit(sid, EventKind.QUEUED, {"position": self.store.queue_position(sid), "rerun": True})
             log.warning("submission %s was interrupted mid-round: queued to run again", sid)
         self.worker.start()
         self.grpc_server.start()

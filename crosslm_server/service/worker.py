@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import shutil
@@ -21,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from crosslm_shared.bundle import make_manifest, validate_bundle_dir
-from crosslm_shared.convert import stringify_fields
 from crosslm_shared.errors import CrossLMError
-from crosslm_shared.records import Submission
+from crosslm_shared.records import EventKind, Submission, typed_values
 from crosslm_server.engines.api import Engine, RoundRequest
 from crosslm_server.service.logic import CrossLMService
 
@@ -105,7 +106,7 @@ class Worker:
     def _announce_positions(self) -> None:
         """The queue moved: tell every waiting submission its new position."""
         for position, waiting in enumerate(self.service.store.queued(), 1):
-            self.service.emit(waiting, "queued", {"position": position})
+            self.service.emit(waiting, EventKind.QUEUED, {"position": position})
 
     def run_one(self, sub: Submission) -> None:
         """One round. Success is one step at the end: the result is stored, then the engine
@@ -115,7 +116,7 @@ class Worker:
         svc, sid = self.service, sub.submission_id
         self.current = sid
         log.info("round for submission %s of silo %s on task %s: started", sid, sub.silo, sub.task)
-        svc.emit(sid, "started", {})
+        svc.emit(sid, EventKind.STARTED, {})
         timer = _StageTimer(svc.metrics)
         request = None
         try:
@@ -123,13 +124,13 @@ class Worker:
             outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer))
             timer.close()
             result = self._store_result(sub, Path(outcome.slm_dir))
-            metrics = dict(outcome.metrics)
+            metrics = dict(typed_values(outcome.metrics))  # a metric the wire cannot carry fails before commit
             commit = getattr(self.engine, "commit", None)
             if commit is not None:
-                metrics |= dict(commit(request, outcome) or {})
+                metrics |= typed_values(commit(request, outcome))
             self._outcome_metrics(metrics, kept_seen=timer.kept_seen, task=sub.task)
-            svc.store.finish(sid, result=result, metrics=stringify_fields(metrics), now=svc.clock())
-            svc.emit(sid, "ready", {"files": len(result.files), "bytes": result.total_size})
+            svc.store.finish(sid, result=result, metrics=metrics, now=svc.clock())
+            svc.emit(sid, EventKind.READY, {"files": len(result.files), "bytes": result.total_size})
             svc.metrics.rounds.labels("done").inc()
             log.info("round for submission %s of silo %s: ready", sid, sub.silo)
         except Exception as e:  # noqa: BLE001 - a failed round is reported, the worker goes on
@@ -140,7 +141,7 @@ class Worker:
             self._undo(sub, request)
             reason = public_reason(e)
             svc.store.fail(sid, error=reason, now=svc.clock())
-            svc.emit(sid, "failed", {"reason": reason})
+            svc.emit(sid, EventKind.FAILED, {"reason": reason})
             svc.metrics.rounds.labels("failed").inc()
         finally:
             self.current = None
@@ -247,14 +248,10 @@ def public_reason(error: BaseException) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A finite number from an engine's field, or None (fields may be any JSON-ish value)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    """A finite number from an engine's field or metric, or None (absent, not a number, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if number == number and abs(number) != float("inf") else None
+    return float(value) if math.isfinite(value) else None
 
 
 def _lower_priority(nice: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from crosslm_server.engines.api import Emit, RoundOutcome, RoundRequest
+from crosslm_shared.records import EventKind
 
 
 class EchoEngine:
@@ -17,6 +18,6 @@ class EchoEngine:
         return True
 
     def run_round(self, request: RoundRequest, emit: Emit) -> RoundOutcome:
-        emit("training_slm", {"examples": 0})
+        emit(EventKind.TRAINING_SLM, {"samples": 0})
         time.sleep(self.step_seconds)
         return RoundOutcome(request.slm_dir, {"echo": 1})

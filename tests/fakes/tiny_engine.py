@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from crosslm_server.engines.admission import check_slm
 from crosslm_server.engines.api import Emit, RoundOutcome, RoundRequest
 from crosslm_shared.errors import RoundError
+from crosslm_shared.records import EventKind
 from crosslm_shared.tasks import builtin_tasks, load_task
 
 log = logging.getLogger(__name__)
@@ -54,24 +55,24 @@ class TinyEngine:
         if request.silo in self.fail_silos:
             raise RoundError(f"tiny engine told to fail rounds of silo {request.silo!r}")
         n = len(TEXTS)
-        for k in (n // 2, n):
-            emit("generating", {"k": k, "n": n, "tokens_per_s": 100.0})
+        for done in (n // 2, n):
+            emit(EventKind.GENERATING, {"done": done, "total": n, "tokens_per_s": 100.0})
             time.sleep(self.step_seconds)
-        emit("scoring", {"peers": len(request.peer_slm_dirs)})
+        emit(EventKind.SCORING, {"peers": len(request.peer_slm_dirs)})
         probs = {}
         for silo, path in request.peer_slm_dirs.items():
             p = _proba(path, TEXTS)
             if bool(torch.isfinite(p).all()):
                 probs[silo] = p
             else:  # a scorer that went bad is left out of this round, the round goes on
-                emit("scorer_dropped", {"silo": silo, "reason": "non-finite outputs"})
+                emit(EventKind.SCORER_DROPPED, {"silo": silo, "reason": "non-finite outputs"})
         if not probs:
             raise RoundError("every scorer gave non-finite outputs; the round cannot score")
         scores = sum(probs.values()) / len(probs)
         pseudo = scores.argmax(dim=-1)
-        emit("training_llm", {"step": 1, "loss": 1.0})
-        emit("filtering", {"total": n})
-        emit("training_slm", {"examples": n})
+        emit(EventKind.TRAINING_LLM, {"done": 1, "total": 1, "loss": 1.0})
+        emit(EventKind.FILTERING, {"total": n})
+        emit(EventKind.TRAINING_SLM, {"samples": n})
         out = request.work_dir / "slm"
         _fine_tune(request.slm_dir, out, TEXTS, pseudo, steps=self.steps, pause=self.step_seconds)
         return RoundOutcome(out, {"kept": n, "peers": len(probs),

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from crosslm_shared.bundle import Manifest
 from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError, UploadConflictError
-from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.records import Event, EventKind, Submission, Upload, Value
 
 
 
@@ -71,17 +71,22 @@ class Store(abc.ABC):
         """Put every running submission back in the queue (startup after a crash); their ids."""
 
     @abc.abstractmethod
-    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
-        """running -> ready with the enhanced bundle's manifest; the submission becomes its silo's
-        latest accepted SLM for the task (a scorer of other silos' rounds, `peers`)."""
+    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, Value], now: float) -> Submission:
+        """running -> ready with the enhanced bundle's manifest and the round's metrics; the
+        submission becomes its silo's latest accepted SLM for the task (a scorer of other silos'
+        rounds, `peers`). Metrics are typed values (crosslm_shared.records.typed_value) and come
+        back as they went in: a float with every bit, an int as an int, a list as a tuple of its
+        type; RecordValueError (nothing stored) for a value that is none of those."""
 
     @abc.abstractmethod
     def fail(self, submission_id: str, *, error: str, now: float) -> Submission:
         """running/queued -> failed with a reason."""
 
     @abc.abstractmethod
-    def append_event(self, submission_id: str, kind: str, fields: Mapping[str, str], *, now: float) -> Event:
-        """Append an event with the next sequence number (1, 2, ...) of that submission."""
+    def append_event(self, submission_id: str, kind: EventKind, fields: Mapping[str, Value], *,
+                     now: float) -> Event:
+        """Append an event with the next sequence number (1, 2, ...) of that submission; its
+        fields are typed values kept as `finish` keeps metrics."""
 
     @abc.abstractmethod
     def events_after(self, submission_id: str, after_seq: int) -> list[Event]:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from crosslm_shared.bundle import Manifest
-from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.records import Event, EventKind, Stage, Submission, Upload, Value
 from crosslm_server.service.store.base import Store, _check_complete, _check_same, _found
 
 
@@ -52,7 +52,7 @@ class MemoryStore(Store):
             if upload_id in self._by_upload:
                 return self._subs[self._by_upload[upload_id]], False
             _check_complete(up)
-            sub = Submission(submission_id, upload_id, up.silo, up.manifest.task, "queued", now, now)
+            sub = Submission(submission_id, upload_id, up.silo, up.manifest.task, Stage.QUEUED, now, now)
             self._subs[submission_id] = sub
             self._by_upload[upload_id] = submission_id
             self._order.append(submission_id)
@@ -71,33 +71,35 @@ class MemoryStore(Store):
     def claim_next(self, *, now: float) -> Submission | None:
         with self._lock:
             for sid in self._order:
-                if self._subs[sid].stage == "queued":
-                    return self._update(sid, stage="running", updated_at=now)
+                if self._subs[sid].stage == Stage.QUEUED:
+                    return self._update(sid, stage=Stage.RUNNING, updated_at=now)
             return None
 
     def requeue_running(self, *, now: float) -> list[str]:
         with self._lock:
-            ids = [i for i in self._order if self._subs[i].stage == "running"]
+            ids = [i for i in self._order if self._subs[i].stage == Stage.RUNNING]
             for sid in ids:
-                self._update(sid, stage="queued", updated_at=now)
+                self._update(sid, stage=Stage.QUEUED, updated_at=now)
             return ids
 
-    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
+    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, Value], now: float) -> Submission:
         with self._lock:
             sub = self.get_submission(submission_id)
+            done = self._update(submission_id, stage=Stage.READY, result=result, metrics=metrics, updated_at=now)
             self._peers[(sub.task, sub.silo)] = submission_id
-            return self._update(submission_id, stage="ready", result=result, metrics=dict(metrics), updated_at=now)
+            return done
 
     def fail(self, submission_id: str, *, error: str, now: float) -> Submission:
         with self._lock:
             self.get_submission(submission_id)
-            return self._update(submission_id, stage="failed", error=error, updated_at=now)
+            return self._update(submission_id, stage=Stage.FAILED, error=error, updated_at=now)
 
-    def append_event(self, submission_id: str, kind: str, fields: Mapping[str, str], *, now: float) -> Event:
+    def append_event(self, submission_id: str, kind: EventKind, fields: Mapping[str, Value], *,
+                     now: float) -> Event:
         with self._lock:
             self.get_submission(submission_id)
             events = self._events[submission_id]
-            event = Event(submission_id, len(events) + 1, kind, now, dict(fields))
+            event = Event(submission_id, len(events) + 1, kind, now, fields)
             events.append(event)
             return event
 
@@ -108,16 +110,16 @@ class MemoryStore(Store):
 
     def queue_position(self, submission_id: str) -> int:
         with self._lock:
-            queued = [i for i in self._order if self._subs[i].stage == "queued"]
+            queued = [i for i in self._order if self._subs[i].stage == Stage.QUEUED]
             return queued.index(submission_id) + 1 if submission_id in queued else 0
 
     def queued(self) -> list[str]:
         with self._lock:
-            return [i for i in self._order if self._subs[i].stage == "queued"]
+            return [i for i in self._order if self._subs[i].stage == Stage.QUEUED]
 
     def queue_depth(self) -> int:
         with self._lock:
-            return sum(1 for s in self._subs.values() if s.stage == "queued")
+            return sum(1 for s in self._subs.values() if s.stage == Stage.QUEUED)
 
     def peers(self, task: str) -> dict[str, str]:
         with self._lock:
@@ -130,7 +132,7 @@ class MemoryStore(Store):
 
     def queued_count(self, silo: str) -> int:
         with self._lock:
-            return sum(1 for s in self._subs.values() if s.stage == "queued" and s.silo == silo)
+            return sum(1 for s in self._subs.values() if s.stage == Stage.QUEUED and s.silo == silo)
 
     def check_writable(self) -> None:
         return None

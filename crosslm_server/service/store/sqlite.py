@@ -1,7 +1,11 @@
 """SQLite implementation of `Store`: WAL mode, named parameters, claims in BEGIN IMMEDIATE.
 
 One connection guarded by a lock serves the process (grpc threads, the worker, HTTP);
-`:memory:` works for tests. Manifests are stored as JSON text via crosslm_shared.convert.
+`:memory:` works for tests. Manifests are stored as JSON text via crosslm_shared.convert; metrics
+and event fields as JSON objects of their typed values (json keeps a float's every bit, tells an
+int from a float and writes NaN and infinities as Python reads them back). Rows written before
+typed values hold JSON objects of strings: they read back as those strings. A stage is stored as
+its `Stage` value.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from crosslm_shared.bundle import Manifest
 from crosslm_shared.convert import manifest_from_json, manifest_to_json
 from crosslm_shared.errors import PreconditionError
-from crosslm_shared.records import Event, Submission, Upload
+from crosslm_shared.records import Event, EventKind, Submission, Upload, Value, typed_values
 from crosslm_server.service.store.base import Store, _check_complete, _check_same, _found
 
 PRAGMAS = (
@@ -169,8 +173,9 @@ class SQLiteStore(Store):
                        "WHERE stage = 'running'", {"now": now})
         return ids
 
-    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, str], now: float) -> Submission:
+    def finish(self, submission_id: str, *, result: Manifest, metrics: Mapping[str, Value], now: float) -> Submission:
         sub = self.get_submission(submission_id)
+        metrics = typed_values(metrics)
         with self._tx() as db:  # ready and a peer in one transaction
             db.execute("UPDATE submissions SET stage = 'ready', result = :result, metrics = :metrics, "
                        "updated_at = :now WHERE submission_id = :id",
@@ -188,16 +193,17 @@ class SQLiteStore(Store):
                        "WHERE submission_id = :id", {"id": submission_id, "error": error, "now": now})
         return self.get_submission(submission_id)
 
-    def append_event(self, submission_id: str, kind: str, fields: Mapping[str, str], *, now: float) -> Event:
+    def append_event(self, submission_id: str, kind: EventKind, fields: Mapping[str, Value], *,
+                     now: float) -> Event:
         self.get_submission(submission_id)
         with self._tx() as db:
             (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE submission_id = :id",
                                  {"id": submission_id}).fetchone()
-            event = Event(submission_id, last + 1, kind, now, dict(fields))
+            event = Event(submission_id, last + 1, kind, now, fields)
             db.execute("INSERT INTO events (submission_id, seq, kind, time, fields) "
                        "VALUES (:id, :seq, :kind, :time, :fields)",
-                       {"id": submission_id, "seq": event.seq, "kind": kind, "time": now,
-                        "fields": json.dumps(dict(fields))})
+                       {"id": submission_id, "seq": event.seq, "kind": event.kind, "time": now,
+                        "fields": json.dumps(dict(event.fields))})
         return event
 
     def events_after(self, submission_id: str, after_seq: int) -> list[Event]:

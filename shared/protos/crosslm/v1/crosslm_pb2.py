@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rosslm/v1/crosslm.proto\x12\ncrosslm.v1\"7\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x99\x01\n\x08Manifest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x18\n\x10heldout_accuracy\x18\x06 \x01(\x01\x12$\n\x05\x66iles\x18\x07 \x03(\x0b\x32\x15.crosslm.v1.FileEntry\"I\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12&\n\x08manifest\x18\x02 \x01(\x0b\x32\x14.crosslm.v1.Manifest\"C\n\x05\x43hunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"g\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.crosslm.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.crosslm.v1.ChunkH\x00\x42\x06\n\x04kind\"=\n\x0c\x46ileProgress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\\\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.crosslm.v1.FileProgress\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\"\n\rSubmitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\xa4\x02\n\nSubmission\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0c\n\x04silo\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.crosslm.v1.Manifest\x12\x34\n\x07metrics\x18\n \x03(\x0b\x32#.crosslm.v1.Submission.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x0cWatchRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xa5\x01\n\x05\x45vent\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\x01\x12-\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1d.crosslm.v1.Event.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0f\x44ownloadRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"-\n\x14GetSubmissionRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"\x18\n\x16ListSubmissionsRequest\"F\n\x17ListSubmissionsResponse\x12+\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x16.crosslm.v1.Submission2\xed\x03\n\x07\x43rossLM\x12?\n\x06Upload\x12\x19.crosslm.v1.UploadRequest\x1a\x18.crosslm.v1.UploadStatus(\x01\x12G\n\x0bQueryUpload\x12\x1e.crosslm.v1.QueryUploadRequest\x1a\x18.crosslm.v1.UploadStatus\x12;\n\x06Submit\x12\x19.crosslm.v1.SubmitRequest\x1a\x16.crosslm.v1.Submission\x12\x36\n\x05Watch\x12\x18.crosslm.v1.WatchRequest\x1a\x11.crosslm.v1.Event0\x01\x12<\n\x08\x44ownload\x12\x1b.crosslm.v1.DownloadRequest\x1a\x11.crosslm.v1.Chunk0\x01\x12I\n\rGetSubmission\x12 .crosslm.v1.GetSubmissionRequest\x1a\x16.crosslm.v1.Submission\x12Z\n\x0fListSubmissions\x12\".crosslm.v1.ListSubmissionsRequest\x1a#.crosslm.v1.ListSubmissionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rosslm/v1/crosslm.proto\x12\ncrosslm.v1\"7\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x99\x01\n\x08Manifest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x18\n\x10heldout_accuracy\x18\x06 \x01(\x01\x12$\n\x05\x66iles\x18\x07 \x03(\x0b\x32\x15.crosslm.v1.FileEntry\"I\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12&\n\x08manifest\x18\x02 \x01(\x0b\x32\x14.crosslm.v1.Manifest\"C\n\x05\x43hunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"g\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.crosslm.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.crosslm.v1.ChunkH\x00\x42\x06\n\x04kind\"=\n\x0c\x46ileProgress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\\\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\'\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x18.crosslm.v1.FileProgress\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\"\n\rSubmitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x1c\n\nDoubleList\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x12\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd9\x01\n\x05Value\x12\x10\n\x06\x64ouble\x18\x01 \x01(\x01H\x00\x12\r\n\x03int\x18\x02 \x01(\x12H\x00\x12\x10\n\x06string\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x62ool\x18\x04 \x01(\x08H\x00\x12-\n\x0b\x64ouble_list\x18\x05 \x01(\x0b\x32\x16.crosslm.v1.DoubleListH\x00\x12\'\n\x08int_list\x18\x06 \x01(\x0b\x32\x13.crosslm.v1.IntListH\x00\x12-\n\x0bstring_list\x18\x07 \x01(\x0b\x32\x16.crosslm.v1.StringListH\x00\x42\x06\n\x04kind\"\xdd\x03\n\nSubmission\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0c\n\x04silo\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x11\n\x05stage\x18\x05 \x01(\tB\x02\x18\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12$\n\x06result\x18\t \x01(\x0b\x32\x14.crosslm.v1.Manifest\x12\x38\n\x07metrics\x18\n \x03(\x0b\x32#.crosslm.v1.Submission.MetricsEntryB\x02\x18\x01\x12&\n\x0btyped_stage\x18\x0b \x01(\x0e\x32\x11.crosslm.v1.Stage\x12?\n\rtyped_metrics\x18\x0c \x03(\x0b\x32(.crosslm.v1.Submission.TypedMetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x11TypedMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.crosslm.v1.Value:\x02\x38\x01\"8\n\x0cWatchRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xd9\x02\n\x05\x45vent\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x04kind\x18\x03 \x01(\tB\x02\x18\x01\x12\x0c\n\x04time\x18\x04 \x01(\x01\x12\x31\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1d.crosslm.v1.Event.FieldsEntryB\x02\x18\x01\x12)\n\ntyped_kind\x18\x06 \x01(\x0e\x32\x15.crosslm.v1.EventKind\x12\x38\n\x0ctyped_fields\x18\x07 \x03(\x0b\x32\".crosslm.v1.Event.TypedFieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x45\n\x10TypedFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.crosslm.v1.Value:\x02\x38\x01\"Z\n\x0f\x44ownloadRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"-\n\x14GetSubmissionRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"\x18\n\x16ListSubmissionsRequest\"F\n\x17ListSubmissionsResponse\x12+\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x16.crosslm.v1.Submission*f\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x11\n\rSTAGE_RUNNING\x10\x02\x12\x0f\n\x0bSTAGE_READY\x10\x03\x12\x10\n\x0cSTAGE_FAILED\x10\x04*\xe0\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_QUEUED\x10\x01\x12\x16\n\x12\x45VENT_KIND_STARTED\x10\x02\x12\x16\n\x12\x45VENT_KIND_RESUMED\x10\x03\x12\x19\n\x15\x45VENT_KIND_GENERATING\x10\x04\x12\x16\n\x12\x45VENT_KIND_SCORING\x10\x05\x12\x1d\n\x19\x45VENT_KIND_SCORER_DROPPED\x10\x06\x12\x1b\n\x17\x45VENT_KIND_TRAINING_LLM\x10\x07\x12\x18\n\x14\x45VENT_KIND_FILTERING\x10\x08\x12\x1b\n\x17\x45VENT_KIND_TRAINING_SLM\x10\t\x12\x1d\n\x19\x45VENT_KIND_EVALUATING_LLM\x10\n\x12\x14\n\x10\x45VENT_KIND_READY\x10\x0b\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x0c\x32\xed\x03\n\x07\x43rossLM\x12?\n\x06Upload\x12\x19.crosslm.v1.UploadRequest\x1a\x18.crosslm.v1.UploadStatus(\x01\x12G\n\x0bQueryUpload\x12\x1e.crosslm.v1.QueryUploadRequest\x1a\x18.crosslm.v1.UploadStatus\x12;\n\x06Submit\x12\x19.crosslm.v1.SubmitRequest\x1a\x16.crosslm.v1.Submission\x12\x36\n\x05Watch\x12\x18.crosslm.v1.WatchRequest\x1a\x11.crosslm.v1.Event0\x01\x12<\n\x08\x44ownload\x12\x1b.crosslm.v1.DownloadRequest\x1a\x11.crosslm.v1.Chunk0\x01\x12I\n\rGetSubmission\x12 .crosslm.v1.GetSubmissionRequest\x1a\x16.crosslm.v1.Submission\x12Z\n\x0fListSubmissions\x12\".crosslm.v1.ListSubmissionsRequest\x1a#.crosslm.v1.ListSubmissionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMISSION_METRICSENTRY']._loaded_options = None
   _globals['_SUBMISSION_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_SUBMISSION_TYPEDMETRICSENTRY']._loaded_options = None
+  _globals['_SUBMISSION_TYPEDMETRICSENTRY']._serialized_options = b'8\001'
+  _globals['_SUBMISSION'].fields_by_name['stage']._loaded_options = None
+  _globals['_SUBMISSION'].fields_by_name['stage']._serialized_options = b'\030\001'
+  _globals['_SUBMISSION'].fields_by_name['metrics']._loaded_options = None
+  _globals['_SUBMISSION'].fields_by_name['metrics']._serialized_options = b'\030\001'
   _globals['_EVENT_FIELDSENTRY']._loaded_options = None
   _globals['_EVENT_FIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_EVENT_TYPEDFIELDSENTRY']._loaded_options = None
+  _globals['_EVENT_TYPEDFIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_EVENT'].fields_by_name['kind']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['kind']._serialized_options = b'\030\001'
+  _globals['_EVENT'].fields_by_name['fields']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['fields']._serialized_options = b'\030\001'
+  _globals['_STAGE']._serialized_start=2166
+  _globals['_STAGE']._serialized_end=2268
+  _globals['_EVENTKIND']._serialized_start=2271
+  _globals['_EVENTKIND']._serialized_end=2623
   _globals['_FILEENTRY']._serialized_start=40
   _globals['_FILEENTRY']._serialized_end=95
   _globals['_MANIFEST']._serialized_start=98
@@ -53,24 +69,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYUPLOADREQUEST']._serialized_end=698
   _globals['_SUBMITREQUEST']._serialized_start=700
   _globals['_SUBMITREQUEST']._serialized_end=734
-  _globals['_SUBMISSION']._serialized_start=737
-  _globals['_SUBMISSION']._serialized_end=1029
-  _globals['_SUBMISSION_METRICSENTRY']._serialized_start=983
-  _globals['_SUBMISSION_METRICSENTRY']._serialized_end=1029
-  _globals['_WATCHREQUEST']._serialized_start=1031
-  _globals['_WATCHREQUEST']._serialized_end=1087
-  _globals['_EVENT']._serialized_start=1090
-  _globals['_EVENT']._serialized_end=1255
-  _globals['_EVENT_FIELDSENTRY']._serialized_start=1210
-  _globals['_EVENT_FIELDSENTRY']._serialized_end=1255
-  _globals['_DOWNLOADREQUEST']._serialized_start=1257
-  _globals['_DOWNLOADREQUEST']._serialized_end=1347
-  _globals['_GETSUBMISSIONREQUEST']._serialized_start=1349
-  _globals['_GETSUBMISSIONREQUEST']._serialized_end=1394
-  _globals['_LISTSUBMISSIONSREQUEST']._serialized_start=1396
-  _globals['_LISTSUBMISSIONSREQUEST']._serialized_end=1420
-  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_start=1422
-  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_end=1492
-  _globals['_CROSSLM']._serialized_start=1495
-  _globals['_CROSSLM']._serialized_end=1988
+  _globals['_DOUBLELIST']._serialized_start=736
+  _globals['_DOUBLELIST']._serialized_end=764
+  _globals['_INTLIST']._serialized_start=766
+  _globals['_INTLIST']._serialized_end=791
+  _globals['_STRINGLIST']._serialized_start=793
+  _globals['_STRINGLIST']._serialized_end=821
+  _globals['_VALUE']._serialized_start=824
+  _globals['_VALUE']._serialized_end=1041
+  _globals['_SUBMISSION']._serialized_start=1044
+  _globals['_SUBMISSION']._serialized_end=1521
+  _globals['_SUBMISSION_METRICSENTRY']._serialized_start=1403
+  _globals['_SUBMISSION_METRICSENTRY']._serialized_end=1449
+  _globals['_SUBMISSION_TYPEDMETRICSENTRY']._serialized_start=1451
+  _globals['_SUBMISSION_TYPEDMETRICSENTRY']._serialized_end=1521
+  _globals['_WATCHREQUEST']._serialized_start=1523
+  _globals['_WATCHREQUEST']._serialized_end=1579
+  _globals['_EVENT']._serialized_start=1582
+  _globals['_EVENT']._serialized_end=1927
+  _globals['_EVENT_FIELDSENTRY']._serialized_start=1811
+  _globals['_EVENT_FIELDSENTRY']._serialized_end=1856
+  _globals['_EVENT_TYPEDFIELDSENTRY']._serialized_start=1858
+  _globals['_EVENT_TYPEDFIELDSENTRY']._serialized_end=1927
+  _globals['_DOWNLOADREQUEST']._serialized_start=1929
+  _globals['_DOWNLOADREQUEST']._serialized_end=2019
+  _globals['_GETSUBMISSIONREQUEST']._serialized_start=2021
+  _globals['_GETSUBMISSIONREQUEST']._serialized_end=2066
+  _globals['_LISTSUBMISSIONSREQUEST']._serialized_start=2068
+  _globals['_LISTSUBMISSIONSREQUEST']._serialized_end=2092
+  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_start=2094
+  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_end=2164
+  _globals['_CROSSLM']._serialized_start=2626
+  _globals['_CROSSLM']._serialized_end=3119
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,53 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_QUEUED: _ClassVar[Stage]
+    STAGE_RUNNING: _ClassVar[Stage]
+    STAGE_READY: _ClassVar[Stage]
+    STAGE_FAILED: _ClassVar[Stage]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_QUEUED: _ClassVar[EventKind]
+    EVENT_KIND_STARTED: _ClassVar[EventKind]
+    EVENT_KIND_RESUMED: _ClassVar[EventKind]
+    EVENT_KIND_GENERATING: _ClassVar[EventKind]
+    EVENT_KIND_SCORING: _ClassVar[EventKind]
+    EVENT_KIND_SCORER_DROPPED: _ClassVar[EventKind]
+    EVENT_KIND_TRAINING_LLM: _ClassVar[EventKind]
+    EVENT_KIND_FILTERING: _ClassVar[EventKind]
+    EVENT_KIND_TRAINING_SLM: _ClassVar[EventKind]
+    EVENT_KIND_EVALUATING_LLM: _ClassVar[EventKind]
+    EVENT_KIND_READY: _ClassVar[EventKind]
+    EVENT_KIND_FAILED: _ClassVar[EventKind]
+STAGE_UNSPECIFIED: Stage
+STAGE_QUEUED: Stage
+STAGE_RUNNING: Stage
+STAGE_READY: Stage
+STAGE_FAILED: Stage
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_QUEUED: EventKind
+EVENT_KIND_STARTED: EventKind
+EVENT_KIND_RESUMED: EventKind
+EVENT_KIND_GENERATING: EventKind
+EVENT_KIND_SCORING: EventKind
+EVENT_KIND_SCORER_DROPPED: EventKind
+EVENT_KIND_TRAINING_LLM: EventKind
+EVENT_KIND_FILTERING: EventKind
+EVENT_KIND_TRAINING_SLM: EventKind
+EVENT_KIND_EVALUATING_LLM: EventKind
+EVENT_KIND_READY: EventKind
+EVENT_KIND_FAILED: EventKind
 
 class FileEntry(_message.Message):
     __slots__ = ("name", "size", "sha256")
@@ -94,8 +137,44 @@ class SubmitRequest(_message.Message):
     upload_id: str
     def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
 
+class DoubleList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class IntList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("double", "int", "string", "bool", "double_list", "int_list", "string_list")
+    DOUBLE_FIELD_NUMBER: _ClassVar[int]
+    INT_FIELD_NUMBER: _ClassVar[int]
+    STRING_FIELD_NUMBER: _ClassVar[int]
+    BOOL_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_LIST_FIELD_NUMBER: _ClassVar[int]
+    INT_LIST_FIELD_NUMBER: _ClassVar[int]
+    STRING_LIST_FIELD_NUMBER: _ClassVar[int]
+    double: float
+    int: int
+    string: str
+    bool: bool
+    double_list: DoubleList
+    int_list: IntList
+    string_list: StringList
+    def __init__(self, double: _Optional[float] = ..., int: _Optional[int] = ..., string: _Optional[str] = ..., bool: _Optional[bool] = ..., double_list: _Optional[_Union[DoubleList, _Mapping]] = ..., int_list: _Optional[_Union[IntList, _Mapping]] = ..., string_list: _Optional[_Union[StringList, _Mapping]] = ...) -> None: ...
+
 class Submission(_message.Message):
-    __slots__ = ("submission_id", "upload_id", "silo", "task", "stage", "error", "created_at", "updated_at", "result", "metrics")
+    __slots__ = ("submission_id", "upload_id", "silo", "task", "stage", "error", "created_at", "updated_at", "result", "metrics", "typed_stage", "typed_metrics")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +182,13 @@ class Submission(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TypedMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     SILO_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +199,8 @@ class Submission(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TYPED_STAGE_FIELD_NUMBER: _ClassVar[int]
+    TYPED_METRICS_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     upload_id: str
     silo: str
@@ -123,7 +211,9 @@ class Submission(_message.Message):
     updated_at: float
     result: Manifest
     metrics: _containers.ScalarMap[str, str]
-    def __init__(self, submission_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., silo: _Optional[str] = ..., task: _Optional[str] = ..., stage: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., result: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    typed_stage: Stage
+    typed_metrics: _containers.MessageMap[str, Value]
+    def __init__(self, submission_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., silo: _Optional[str] = ..., task: _Optional[str] = ..., stage: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., result: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, str]] = ..., typed_stage: _Optional[_Union[Stage, str]] = ..., typed_metrics: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("submission_id", "after_seq")
@@ -134,7 +224,7 @@ class WatchRequest(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("submission_id", "seq", "kind", "time", "fields")
+    __slots__ = ("submission_id", "seq", "kind", "time", "fields", "typed_kind", "typed_fields")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,17 +232,28 @@ class Event(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TypedFieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    TYPED_KIND_FIELD_NUMBER: _ClassVar[int]
+    TYPED_FIELDS_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     seq: int
     kind: str
     time: float
     fields: _containers.ScalarMap[str, str]
-    def __init__(self, submission_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[str] = ..., time: _Optional[float] = ..., fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    typed_kind: EventKind
+    typed_fields: _containers.MessageMap[str, Value]
+    def __init__(self, submission_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[str] = ..., time: _Optional[float] = ..., fields: _Optional[_Mapping[str, str]] = ..., typed_kind: _Optional[_Union[EventKind, str]] = ..., typed_fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("submission_id", "file", "offset", "chunk_size")
