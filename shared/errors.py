@@ -76,6 +76,11 @@ class OffsetError(PreconditionError):
     """A chunk's offset is not the committed size: ask for the committed size and resume there."""
 
 
+class PrivacyError(CrossLMError):
+    """A silo's privacy policy refuses to train or send: the ε budget is spent, or the
+    membership-inference audit's AUC exceeds its bound (the silo's exit code 6)."""
+
+
 class DemoReportError(CrossLMError):
     """The silos' reports lack what the demo report needs (a silo or round did not finish)."""
 
