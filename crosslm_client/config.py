@@ -11,6 +11,7 @@ from typing import Any
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.plugins import is_import_path
+from crosslm_shared.privacy import AuditConfig, PrivacyConfig
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 BUILTIN_ARCHS = ("minilm", "mpnet4")  # else "module:attribute", a model family (crosslm_client.models)
@@ -105,10 +106,13 @@ class SiloConfig:
     server: ServerSection = field(default_factory=ServerSection)
     train: TrainSection = field(default_factory=TrainSection)
     rounds: RoundsSection = field(default_factory=RoundsSection)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD and the ε budget (docs/privacy.md)
+    audit: AuditConfig = field(default_factory=AuditConfig)        # membership-inference audit before upload
     output_dir: Path = Path("silo-out")  # models and per-round JSON reports
 
 
-_SECTIONS = {"silo": SiloSection, "server": ServerSection, "train": TrainSection, "rounds": RoundsSection}
+_SECTIONS = {"silo": SiloSection, "server": ServerSection, "train": TrainSection, "rounds": RoundsSection,
+             "privacy": PrivacyConfig, "audit": AuditConfig}
 
 
 def load_silo_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> SiloConfig:

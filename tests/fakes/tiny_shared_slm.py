@@ -12,12 +12,17 @@ from typing import Sequence
 
 from crosslm_client.models import SharedFamily
 from crosslm_shared.slm import SLM
-from fakes.tiny_slm import new_tiny_slm
+from transformers import BertTokenizerFast
+
+from fakes.tiny_slm import SPECIAL, WORDS, new_tiny_slm
 
 
 def tiny_shared_slm(labels: Sequence[str], folder: Path, *, seed: int = 0) -> SLM:
     tiny = new_tiny_slm(list(labels), seed=seed, tokenizer_dir=Path(folder))
-    return SLM(tiny.model, tiny.tokenizer, list(labels), "tiny")
+    # the vocabulary as a dict: transformers 5 ignores BertTokenizerFast(vocab_file=...), which
+    # leaves tiny_slm's tokenizer with 5 tokens (every word [UNK]); a memorisation test needs words
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}, do_lower_case=True)
+    return SLM(tiny.model, tokenizer, list(labels), "tiny")
 
 
 class TinySharedFamily(SharedFamily):
@@ -29,3 +34,22 @@ class TinySharedFamily(SharedFamily):
 
 
 TINY_SHARED = TinySharedFamily()
+
+
+class OverfitFamily(TinySharedFamily):
+    """Deliberately memorises its training records (many epochs, no held-out selection): the
+    model an audit bound must stop (`[silo] arch = "fakes.tiny_shared_slm:OVERFIT"`)."""
+
+    supports_dp = False
+
+    def train_new(self, config, train, held, *, work_dir: Path, privacy=None) -> SLM:
+        from crosslm_shared.slm import fit
+        from crosslm_shared.slm_config import SLMTrainConfig
+
+        slm = self._base(config, work_dir)
+        cfg = SLMTrainConfig(lrs=(3e-3,), batch_size=16, class_weighting="none", warmup_fraction=0.0, head_lr_mult=1.0)
+        fit(slm, *train, lr=3e-3, epochs=30, cfg=cfg)
+        return slm
+
+
+OVERFIT = OverfitFamily()
