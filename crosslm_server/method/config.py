@@ -16,6 +16,7 @@ from typing import Literal
 
 from crosslm_shared.data import SplitConfig
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.privacy import PrivacyConfig
 from crosslm_shared.slm_config import SLMTrainConfig
 from crosslm_shared.tomlconfig import read_toml
 
@@ -208,8 +209,13 @@ class SimConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # DP-SGD for every silo's training on its private records, one ε budget per silo (docs/privacy.md)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        if self.privacy.enabled and self.zerogen:
+            raise ConfigError("privacy.enabled = true needs zerogen = false: the ZeroGen arm's continuation on "
+                              "private data is not charged to a DP budget yet (its figures would not be private)")
         if self.rounds < 1:
             raise ConfigError(f"rounds = {self.rounds}; need at least 1")
         if not self.archs:
