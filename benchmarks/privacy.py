@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--dp-lr", type=float, default=5e-4, help="learning rate with DP (default: 5e-4)")
     p.add_argument("--rounds", type=int, default=0,
                    help="rounds the silo's budget must also cover (default: 0, the first SLM takes all of ε)")
+    p.add_argument("--train-layers", type=int, default=1,
+                   help="encoder layers trained under DP, from the top; -1 = all (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -73,7 +75,7 @@ def one_arm(task, pairs, seed: int, epsilon: float | None, args) -> dict:
                          batch_size=args.batch_size, seed=seed)
     budget = None
     if epsilon is not None:
-        budget = PrivacyBudget(PrivacyConfig(enabled=True, epsilon=epsilon), n_records=len(members[0]),
+        budget = PrivacyBudget(PrivacyConfig(enabled=True, epsilon=epsilon, train_layers=args.train_layers), n_records=len(members[0]),
                                planned=1 + args.rounds)
     t0 = time.perf_counter()
     slm, info = train_selected(args.arch, task.label_names, members, val, cfg, desc=f"eps={epsilon}", privacy=budget)
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
     print_table(["task", "seed", "ε", "test acc", "bal acc", "MIA AUC", "± se", "TPR@1%", "train s", "× no-DP"], rows)
     emit_json({"benchmark": "privacy", "machine": machine(started_load=started), "arch": args.arch,
                "settings": {k: getattr(args, k) for k in ("n", "n_val", "n_test", "epochs", "batch_size", "lr",
-                                                          "dp_lr", "rounds", "threads")},
+                                                          "dp_lr", "rounds", "train_layers", "threads")},
                "runs": runs}, args.out)
 
 

@@ -126,6 +126,12 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _refused_before_start(e: CrossLMError) -> int:
+    """Exit code 2 for bad config or data, 5 for a missing model package (the module docstring)."""
+    log.error("%s", e)
+    return 5 if isinstance(e, AssetMissingError) else 2
+
+
 def _audit(args) -> int:
     import json
 
@@ -141,12 +147,8 @@ def _audit(args) -> int:
         folder = args.model or latest_model_dir(config)
         result = {"silo": s.name, "model": str(folder),
                   **audit_model(config, models.family(config).load(config, folder), train, held)}
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
-        return 2
-    except AssetMissingError as e:
-        log.error("%s", e)
-        return 5
+    except (ConfigError, DataError, AssetMissingError) as e:
+        return _refused_before_start(e)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -168,12 +170,8 @@ def _prepare_demo(args) -> int:
                             n_llm_test=args.n_llm_test, n_judge=args.n_judge, partition=args.partition,
                             alpha=args.alpha)
         paths = prepare_demo(args.task, args.out, split=split, seed=args.seed, public_out=args.public_out)
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
-        return 2
-    except AssetMissingError as e:
-        log.error("%s", e)
-        return 5
+    except (ConfigError, DataError, AssetMissingError) as e:
+        return _refused_before_start(e)
     for path in paths:
         print(path)
     return 0

@@ -11,14 +11,17 @@ the budget's even share (k of K planned trainings: ε·k/K). Past the budget it 
 What Opacus cannot handle: a BERT/MPNet embedding table sees inputs with no batch dimension
 (position ids of shape (1, L), MPNet's relative attention bias of shape (L, L)), so per-example
 gradients for it are wrong or fail. Under DP the embedding tables (word, position, token type,
-MPNet's relative_attention_bias) are frozen at their public pretrained values; everything else
-(embedding LayerNorm, every encoder layer, pooler, head) trains privately. docs/privacy.md.
+MPNet's relative_attention_bias) are frozen at their public pretrained values. Of the rest, the
+top `[privacy] train_layers` encoder layers, the pooler and the head train privately (-1: every
+layer and the embedding LayerNorm too): the noise is spread over every trainable parameter, so
+fewer of them leave more signal in each. docs/privacy.md.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,7 @@ class Plan:
     sample_rate: float
     steps: int
     max_grad_norm: float
+    train_layers: int = -1  # top encoder layers trained (-1 = all); see freeze_for_dp
 
 
 class PrivacyBudget:
@@ -134,7 +138,7 @@ class PrivacyBudget:
                 f"silo {self.silo}: refusing to train ({what}): the ε left ({self.cfg.epsilon - self.spent():.3f} of "
                 f"{self.cfg.epsilon:g}) cannot pay for {steps} steps at sample rate {q:.3g} with noise σ ≤ {MAX_SIGMA:g}; "
                 "use fewer epochs or learning rates, or a larger budget")
-        return Plan(sigma, q, steps, self.cfg.max_grad_norm)
+        return Plan(sigma, q, steps, self.cfg.max_grad_norm, self.cfg.train_layers)
 
     def _sigma_for(self, target: float, q: float, steps: int) -> float | None:
         """The smallest σ (to 1 %) with ε(history + (σ, q, steps)) ≤ target; None if none ≤ MAX_SIGMA."""
@@ -187,15 +191,24 @@ class PrivacyBudget:
                                                 indent=2))
 
 
-def freeze_embeddings(model: nn.Module) -> list[str]:
-    """Freeze every embedding table (the module docstring says why); returns their names."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, FROZEN_UNDER_DP):
-            for p in module.parameters():
-                p.requires_grad_(False)
-            names.append(name)
-    return names
+LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def freeze_for_dp(model: nn.Module, train_layers: int = -1) -> list[nn.Parameter]:
+    """Freeze every embedding table (the module docstring says why) and, with ``train_layers`` >= 0,
+    every encoder layer below the top ``train_layers`` and the embedding LayerNorm; the pooler
+    and head always train. Returns the parameters it froze."""
+    frozen = [p for m in model.modules() if isinstance(m, FROZEN_UNDER_DP) for p in m.parameters()]
+    if train_layers >= 0:
+        layers = {n: int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER.search(n))}
+        top = max(layers.values(), default=-1) + 1
+        params = dict(model.named_parameters())
+        frozen += [params[n] for n, i in layers.items() if i < top - train_layers]
+        frozen += [p for n, p in params.items() if ".embeddings." in f".{n}"]
+    frozen = [p for p in dict.fromkeys(frozen) if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 class PrivateRun:
@@ -210,9 +223,7 @@ class PrivateRun:
         opacus, _ = _opacus()
         self.model, self.n, self.plan = model, n, plan
         model.train()  # Opacus refuses a model in eval mode
-        self.frozen = [p for p in model.parameters() if p.requires_grad]
-        freeze_embeddings(model)
-        self.frozen = [p for p in self.frozen if not p.requires_grad]
+        self.frozen = freeze_for_dp(model, plan.train_layers)
         for group in optimizer.param_groups:  # Opacus expects only trainable parameters
             group["params"] = [p for p in group["params"] if p.requires_grad]
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)),

@@ -7,7 +7,7 @@ crosslm_shared.dp, the audit crosslm_shared.audit). docs/privacy.md says how to 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from crosslm_shared.errors import ConfigError
@@ -34,6 +34,9 @@ class PrivacyConfig:
     rounds: int = field(default=0, metadata={
         "help": "rounds the budget must last (it is spread evenly over the first SLM and these); "
                 "0 = the run's round count (required when the daemon runs forever)"})
+    train_layers: int = field(default=1, metadata={
+        "help": "encoder layers trained under DP, counted from the top (the pooler and head always train); "
+                "the rest stay at their pretrained values: fewer noisy parameters, more signal in each. -1 = all"})
     accountant: Literal["rdp", "prv"] = field(default="rdp", metadata={
         "help": "Opacus accountant that composes the steps: rdp (Rényi DP) or prv (privacy random variables)"})
 
@@ -46,6 +49,8 @@ class PrivacyConfig:
             raise _bad("privacy", "max_grad_norm", self.max_grad_norm, "> 0")
         if self.rounds < 0:
             raise _bad("privacy", "rounds", self.rounds, ">= 0")
+        if self.train_layers < -1:
+            raise _bad("privacy", "train_layers", self.train_layers, "-1 (all) or >= 0")
         if self.accountant not in ACCOUNTANTS:
             raise _bad("privacy", "accountant", self.accountant, " or ".join(ACCOUNTANTS))
 
@@ -77,19 +82,3 @@ class AuditConfig:
             raise _bad("audit", "bootstrap", self.bootstrap, ">= 0 (0 = no error bars)")
         if self.max_examples < 2:
             raise _bad("audit", "max_examples", self.max_examples, ">= 2")
-
-
-def build(cls, raw: Any, section: str):
-    """``cls`` from a TOML table, naming the section in every error."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{section}] must be a table, got {raw!r}")
-    known = {f.name for f in fields(cls)}
-    extra = sorted(set(raw) - known)
-    if extra:
-        raise ConfigError(f"[{section}] has unknown key(s) {extra}; known: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        raise ConfigError(f"[{section}]: {e}") from e

@@ -1,8 +1,8 @@
 """The membership-inference audit (crosslm_shared.audit, `crosslm-client audit`): it must tell an
 overfit model from an untrained one, in both directions, so a broken attack fails here."""
 import json
-import random
 
+import numpy as np
 import pytest
 
 from crosslm_client.cli import main
@@ -12,21 +12,12 @@ from crosslm_shared.errors import ConfigError, DataError
 from crosslm_shared.privacy import AuditConfig
 from crosslm_shared.slm import fit
 from crosslm_shared.slm_config import SLMTrainConfig
-from fakes.tiny_shared_slm import tiny_shared_slm
-from fakes.tiny_slm import WORDS
-
-import numpy as np
+from fakes.tiny_shared_slm import random_records, tiny_shared_slm
 
 LABELS = ["neg", "pos"]
 
 
-def _random_records(n, seed):
-    """Random word strings with random labels: nothing to learn but the records themselves."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(n)], [rng.randrange(2) for _ in range(n)]
-
-
-ALL = _random_records(160, seed=3)
+ALL = random_records(160, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -99,18 +99,21 @@ def test_per_example_gradients_are_clipped_and_noise_is_added(tmp_path):
         assert grad.std().item() == pytest.approx(2.0 * clip / 8, rel=0.1)
 
 
-def test_dp_fit_trains_everything_but_the_embedding_tables(tmp_path):
+@pytest.mark.parametrize("train_layers", [-1, 1])
+def test_dp_fit_trains_the_top_layers_and_never_the_embedding_tables(tmp_path, train_layers):
     slm = tiny_shared_slm(LABELS, tmp_path / "tok")
     before = {n: p.detach().clone() for n, p in slm.model.named_parameters()}
     texts, ys = _data(48)
-    budget = _budget(n=48, planned=1)
+    budget = PrivacyBudget(PrivacyConfig(enabled=True, train_layers=train_layers), n_records=48, planned=1)
     cfg = SLMTrainConfig(lrs=(1e-3,), max_epochs=2, batch_size=8)
     plan = budget.plan(n=48, batch_size=8, epochs=2, runs=1, what="fit")
     info = fit(slm, texts, ys, lr=1e-3, epochs=2, cfg=cfg, dp=plan)
     assert info["dp_steps"] == plan.steps
     changed = {n for n, p in slm.model.named_parameters() if not torch.equal(p, before[n])}
     assert not any("embeddings.word" in n or "position_embeddings" in n for n in changed)
-    assert any("encoder.layer.0" in n for n in changed) and any("classifier" in n for n in changed)
+    assert any("encoder.layer.1." in n for n in changed) and any("classifier" in n for n in changed)
+    # the tiny BERT has 2 layers: with train_layers = 1 the lower one keeps its initial values
+    assert any("encoder.layer.0." in n for n in changed) == (train_layers == -1)
     assert all(p.requires_grad for p in slm.model.parameters())  # unfrozen again after the run
     slm.save(tmp_path / "saved")  # no Opacus state left on the model
 

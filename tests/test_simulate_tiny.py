@@ -79,7 +79,7 @@ def test_simulate_with_dp_charges_each_silo_and_reports_epsilon(tmp_path, tiny_s
         assert s["privacy"]["trainings"] == 2 and abs(s["privacy"]["epsilon"] - 4.0) < 0.1
         assert s["local_selection"]["privacy"]["epsilon"] < s["privacy"]["epsilon"]
     assert all(0 < r["epsilon"] <= 4.0 + 1e-6 for r in report["rounds"][0]["silos"].values())
-    assert "DP-SGD on every silo's private records" in (out / "report.md").read_text()
+    assert "DP-SGD on the private records" in (out / "report.md").read_text()
     # ZeroGen's arm is not DP-accounted: with DP on it must be switched off
     assert main(["simulate", "--config", str(tiny_sim_config), "--out", str(tmp_path / "zg"), "--rounds", "1",
                  "--set", "privacy.enabled=true"]) == 2

@@ -13,7 +13,7 @@ import logging
 import secrets
 import socket
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,4 +200,12 @@ continue_epochs = {slm.max_epochs if settings.continue_epochs is None else setti
 [rounds]
 count = {layout.rounds}
 interval_s = 0
-"""
+""" + _privacy_toml(cfg)
+
+
+def _privacy_toml(cfg) -> str:
+    """The config's `privacy` table as the silo's [privacy] section (docs/privacy.md); none without DP."""
+    if not cfg.privacy.enabled:
+        return ""
+    values = asdict(cfg.privacy)
+    return "\n[privacy]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items() if v is not None)

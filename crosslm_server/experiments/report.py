@@ -49,13 +49,18 @@ def final_acc(silo: dict) -> float:
 
 
 def _privacy_lines(report: dict) -> list[str]:
-    """ε spent per silo when the silos trained with DP-SGD (docs/privacy.md); nothing otherwise."""
-    dp = {n: s["privacy"] for n, s in report["silos"].items() if s.get("privacy")}
-    if not dp:
-        return []
-    return ["", "DP-SGD on every silo's private records: " + ", ".join(
-        f"{n} ε = {p['epsilon']:.2f} of {p['epsilon_budget']:g}" for n, p in dp.items()) +
-        f" (δ = {next(iter(dp.values()))['delta']:g}, Opacus {next(iter(dp.values()))['accountant']} accountant)."]
+    """ε spent per DP silo and the audit AUC of each model sent (docs/privacy.md); nothing otherwise."""
+    lines = []
+    dp = {n: s["privacy"] for n, s in report["silos"].items() if s.get("privacy", {}).get("dp")}
+    if dp:
+        lines += ["", "DP-SGD on the private records (ε spent of the silo's budget, δ, Opacus accountant): " +
+                  ", ".join(f"{n} ε = {p['epsilon']:.2f} of {p['epsilon_budget']:g} (δ = {p['delta']:g}, "
+                            f"{p['accountant']})" for n, p in dp.items()) + "; other silos: no DP."]
+    audits = {n: s["audit"] for n, s in report["silos"].items() if s.get("audit")}
+    if audits:
+        lines += ["", "Membership-inference audit of each model sent (loss attack; AUC, 0.5 = chance): " +
+                  ", ".join(f"{n} " + " / ".join(f"{a['auc']:.3f}" for a in runs) for n, runs in audits.items()) + "."]
+    return lines
 
 
 def render_markdown(report: dict) -> str:

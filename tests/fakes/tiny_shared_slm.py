@@ -7,6 +7,7 @@ included), so DP and the audit are tested on the real code path in milliseconds:
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,13 @@ def tiny_shared_slm(labels: Sequence[str], folder: Path, *, seed: int = 0) -> SL
     # leaves tiny_slm's tokenizer with 5 tokens (every word [UNK]); a memorisation test needs words
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}, do_lower_case=True)
     return SLM(tiny.model, tokenizer, list(labels), "tiny")
+
+
+def random_records(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Random word strings with random labels: nothing to learn but the records themselves
+    (what a membership-inference attack finds in a model that memorised them)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(n)], [rng.randrange(2) for _ in range(n)]
 
 
 class TinySharedFamily(SharedFamily):
