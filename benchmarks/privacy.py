@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--n-val", type=int, default=64, help="validation records (default: 64)")
     p.add_argument("--n-test", type=int, default=None, help="test records (default: 500; quick: 64)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 3; quick: 1)")
+    p.add_argument("--dp-epochs", type=int, default=None, help="epochs with DP (default: as --epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="expected batch size (default: 32)")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate without DP (default: 2e-4)")
     p.add_argument("--dp-lr", type=float, default=5e-4, help="learning rate with DP (default: 5e-4)")
@@ -38,12 +39,17 @@ def parse_args(argv=None):
                    help="rounds the silo's budget must also cover (default: 0, the first SLM takes all of ε)")
     p.add_argument("--train-layers", type=int, default=1,
                    help="encoder layers trained under DP, from the top; -1 = all (default: 1)")
+    p.add_argument("--timing-reps", type=int, default=0,
+                   help="instead of the accuracy runs: time one epoch of training on the first task's records "
+                        "without DP, with DP on the top --train-layers and with DP on all layers, interleaved "
+                        "this many times (the machine's load falls on every mode alike)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = p.parse_args(argv)
     quick = args.quick
     args.n = args.n or (48 if quick else 256)
     args.n_test = args.n_test or (64 if quick else 500)
     args.epochs = args.epochs or (1 if quick else 3)
+    args.dp_epochs = args.dp_epochs or args.epochs
     if quick:
         args.tasks, args.seeds, args.epsilons = args.tasks[:1], args.seeds[:1], args.epsilons[-1:]
     return args
@@ -71,7 +77,8 @@ def one_arm(task, pairs, seed: int, epsilon: float | None, args) -> dict:
     from crosslm_shared.slm_config import SLMTrainConfig
 
     members, val, nonmembers, test = pairs
-    cfg = SLMTrainConfig(lrs=(args.lr if epsilon is None else args.dp_lr,), max_epochs=args.epochs,
+    cfg = SLMTrainConfig(lrs=(args.lr if epsilon is None else args.dp_lr,),
+                         max_epochs=args.epochs if epsilon is None else args.dp_epochs,
                          batch_size=args.batch_size, seed=seed)
     budget = None
     if epsilon is not None:
@@ -91,10 +98,44 @@ def one_arm(task, pairs, seed: int, epsilon: float | None, args) -> dict:
                                             "n_members", "n_nonmembers")}}
 
 
+def timing(args) -> dict:
+    """Seconds per epoch of `fit` on the same records and model: no DP, DP (top layers), DP (all)."""
+    from crosslm_shared.dp import PrivacyBudget
+    from crosslm_shared.privacy import PrivacyConfig
+    from crosslm_shared.slm import fit, new_slm
+    from crosslm_shared.slm_config import SLMTrainConfig
+
+    task, (members, *_rest) = draw(args.tasks[0], args.seeds[0], args)
+    cfg = SLMTrainConfig(lrs=(args.lr,), max_epochs=1, batch_size=args.batch_size, seed=args.seeds[0])
+    base = new_slm(args.arch, task.label_names)
+    modes = {"no DP": None, f"DP top {args.train_layers}": args.train_layers, "DP all": -1}
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.timing_reps):
+        for mode, layers in modes.items():
+            plan = None
+            if layers is not None:
+                budget = PrivacyBudget(PrivacyConfig(enabled=True, epsilon=8.0, train_layers=layers),
+                                       n_records=len(members[0]), planned=1)
+                plan = budget.plan(n=len(members[0]), batch_size=args.batch_size, epochs=1, runs=1, what=mode)
+            slm = base.clone()
+            t0 = time.perf_counter()
+            fit(slm, *members, lr=args.lr, epochs=1, cfg=cfg, dp=plan)
+            seconds[mode].append(time.perf_counter() - t0)
+    med = {m: float(np.median(v)) for m, v in seconds.items()}
+    rows = [[m, med[m], ratio(med[m], med["no DP"])] for m in modes]
+    print_table(["mode", "s / epoch (median)", "× no DP"], rows,
+                title=f"{args.arch}, {len(members[0])} records, batch {args.batch_size}, {args.timing_reps} reps")
+    return {"seconds": seconds, "median_s": med, "ratio_vs_no_dp": {m: ratio(med[m], med["no DP"]) for m in modes}}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_torch(args.threads)
     started = load_avg()
+    if args.timing_reps:
+        emit_json({"benchmark": "privacy-timing", "machine": machine(started_load=started), "arch": args.arch,
+                   "n": args.n, "batch_size": args.batch_size, **timing(args)}, args.out)
+        return
     rows, runs = [], []
     for seed in args.seeds:
         for task_name in args.tasks:
@@ -115,7 +156,7 @@ def main(argv=None) -> None:
                     emit_json({"partial": True, "runs": runs}, Path(str(args.out) + ".partial"))
     print_table(["task", "seed", "ε", "test acc", "bal acc", "MIA AUC", "± se", "TPR@1%", "train s", "× no-DP"], rows)
     emit_json({"benchmark": "privacy", "machine": machine(started_load=started), "arch": args.arch,
-               "settings": {k: getattr(args, k) for k in ("n", "n_val", "n_test", "epochs", "batch_size", "lr",
+               "settings": {k: getattr(args, k) for k in ("n", "n_val", "n_test", "epochs", "dp_epochs", "batch_size", "lr",
                                                           "dp_lr", "rounds", "train_layers", "threads")},
                "runs": runs}, args.out)
 
