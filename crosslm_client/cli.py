@@ -2,8 +2,9 @@
 
 Exit codes: 0 all rounds ran, 2 bad config or data, 3 authentication / permission refused,
 4 the server could not be reached or refused a request, 5 a model package is missing,
+6 the silo's privacy policy refused to train or send (ε budget spent, or audit AUC over its bound),
 130 stopped by SIGINT (Ctrl-C) or SIGTERM.
-`check`: 0 when every check is OK, 1 when any failed.
+`check`: 0 when every check is OK, 1 when any failed. `audit`: 0, or 6 when the AUC exceeds [audit] max_auc.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from crosslm_client.config import RoundsSection, ServerSection, load_silo_config
 from crosslm_shared.schema import flag_help
 from crosslm_client.transport import FATAL_AUTH, TransportError
-from crosslm_shared.errors import AssetMissingError, ConfigError, CrossLMError, DataError
+from crosslm_shared.errors import AssetMissingError, ConfigError, CrossLMError, DataError, PrivacyError
 
 log = logging.getLogger("crosslm_client")
 
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check certificate, key, CA, server address and data file; say what to fix")
     c.add_argument("--config", type=Path, required=True, help="silo TOML file (examples/silo-a.toml; every key: docs/config.md)")
     c.add_argument("--server", default=None, help=flag_help(ServerSection, "server", "address"))
+    a = sub.add_parser("audit", help="membership-inference audit of the silo's latest kept model (members: its "
+                                     "training split; non-members: its held-out split); prints JSON")
+    a.add_argument("--config", type=Path, required=True, help="silo TOML file (examples/silo-a.toml; every key: docs/config.md)")
+    a.add_argument("--model", type=Path, default=None,
+                   help="model folder to audit (default: the latest under OUTPUT_DIR/models)")
+    a.add_argument("--out", type=Path, default=None, help="also write the JSON here (default: stdout only)")
     d = sub.add_parser("prepare-demo", help="write demo silos' private CSV files and the public test files "
                                             "from a task's offline dataset")
     d.add_argument("--task", default="rotten_tomatoes", help="built-in task name or task TOML (default: rotten_tomatoes)")
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_demo(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "audit":
+        return _audit(args)
     # SIGTERM is answered before the daemon imports torch: a daemon stopped while it starts
     # exits 130 with its log line, like one stopped mid-round
     in_main = threading.current_thread() is threading.main_thread()
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except AssetMissingError as e:
         log.error("%s", e)
         return 5
+    except PrivacyError as e:
+        log.error("%s", e)
+        return 6
     except CrossLMError as e:
         log.error("%s", e)
         return 4
@@ -115,6 +127,40 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _refused_before_start(e: CrossLMError) -> int:
+    """Exit code 2 for bad config or data, 5 for a missing model package (the module docstring)."""
+    log.error("%s", e)
+    return 5 if isinstance(e, AssetMissingError) else 2
+
+
+def _audit(args) -> int:
+    import json
+
+    from crosslm_client import models
+    from crosslm_client.daemon import private_split
+    from crosslm_client.privacy import audit_model, latest_model_dir
+
+    try:
+        config = load_silo_config(args.config)
+        s = config.silo
+        _, train, held = private_split(config)  # the daemon's split: members = its training records
+        folder = args.model or latest_model_dir(config)
+        result = {"silo": s.name, "model": str(folder),
+                  **audit_model(config, models.family(config).load(config, folder), train, held)}
+    except (ConfigError, DataError, AssetMissingError) as e:
+        return _refused_before_start(e)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    bound = config.audit.max_auc
+    if bound is not None and result["auc"] > bound:
+        log.error("silo %s: audit AUC %.3f exceeds [audit] max_auc = %g: the daemon would not send this model",
+                  s.name, result["auc"], bound)
+        return 6
+    return 0
+
+
 def _prepare_demo(args) -> int:
     from crosslm_shared.demo_data import prepare_demo
     from crosslm_shared.data import SplitConfig
@@ -124,12 +170,8 @@ def _prepare_demo(args) -> int:
                             n_llm_test=args.n_llm_test, n_judge=args.n_judge, partition=args.partition,
                             alpha=args.alpha)
         paths = prepare_demo(args.task, args.out, split=split, seed=args.seed, public_out=args.public_out)
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
-        return 2
-    except AssetMissingError as e:
-        log.error("%s", e)
-        return 5
+    except (ConfigError, DataError, AssetMissingError) as e:
+        return _refused_before_start(e)
     for path in paths:
         print(path)
     return 0

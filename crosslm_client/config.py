@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from crosslm_shared.tomlconfig import read_toml
 from crosslm_shared.errors import ConfigError
 from crosslm_shared.plugins import is_import_path
+from crosslm_shared.privacy import AuditConfig, PrivacyConfig
 from crosslm_shared.schema import Renamed, build, option
 from crosslm_shared.slm_config import SLMTrainConfig
 from crosslm_shared.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -116,6 +117,8 @@ class SiloConfig:
     server: ServerSection = option(factory=ServerSection, help="how the silo reaches the server")
     train: TrainSection = option(factory=TrainSection, help="how the silo trains its SLM")
     rounds: RoundsSection = option(factory=RoundsSection, help="how many rounds the daemon runs")
+    privacy: PrivacyConfig = option(factory=PrivacyConfig, help="DP-SGD and the epsilon budget (docs/privacy.md)")
+    audit: AuditConfig = option(factory=AuditConfig, help="membership-inference audit before upload")
     output_dir: Path = option(Path("silo-out"), "models and per-round JSON reports", path=True)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from crosslm_client import models
+from crosslm_client import models, privacy
 from crosslm_client.config import SiloConfig
 from crosslm_client.models import Examples
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TlsFiles
@@ -31,7 +31,7 @@ from crosslm_shared.bundle import SYNTHETIC_FILE, Manifest, make_manifest, read_
 from crosslm_shared.convert import manifest_to_json
 from crosslm_shared.data import heldout_split, read_labelled
 from crosslm_shared.schema import as_table
-from crosslm_shared.errors import DataError
+from crosslm_shared.errors import DataError, PrivacyError
 from crosslm_shared.records import Stage
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,10 @@ class Status:
 
     def __init__(self, path: Path, *, silo: str, rounds: int):
         self.path, self.base = path, {"silo": silo, "rounds": rounds, "pid": os.getpid()}
+        self.round = 0
 
     def __call__(self, phase: str, round_no: int, **detail: Any) -> None:
+        self.round = round_no
         state = {**self.base, "phase": phase, "round": round_no, "time": time.time(), **detail}
         write_text_atomic(self.path, json.dumps(state, default=str))
 
@@ -72,22 +74,34 @@ def connect(config: SiloConfig, *, retry: RetryPolicy | None = None) -> CrossLMC
 
 
 def run(config: SiloConfig) -> list[dict[str, Any]]:
+    (config.output_dir / "reports").mkdir(parents=True, exist_ok=True)
+    status = Status(config.output_dir / "status.json", silo=config.silo.name, rounds=config.rounds.count)
+    try:
+        return _run(config, status)
+    except PrivacyError as e:  # the policy stopped a training or an upload: the round's report says why
+        report = {"round": status.round, "silo": config.silo.name, "task": config.silo.task, "outcome": "refused",
+                  "error": str(e), "kept": "previous", **e.report}
+        (config.output_dir / "reports" / f"round-{status.round:03d}.json").write_text(json.dumps(report, indent=2))
+        status("refused", status.round, error=str(e))
+        raise
+
+
+def _run(config: SiloConfig, status: Status) -> list[dict[str, Any]]:
     s = config.silo
     out = config.output_dir
-    (out / "reports").mkdir(parents=True, exist_ok=True)
-    status = Status(out / "status.json", silo=s.name, rounds=config.rounds.count)
     status("loading data", 0)
-    examples = read_labelled(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    examples, train, held = private_split(config)
     test = _load_test(config)
-    train, held = (part.pair() for part in heldout_split(examples, fraction=s.heldout_fraction, seed=s.seed))
     log.info("silo %s: %d training and %d held-out examples from %s", s.name, len(train[0]), len(held[0]), s.data)
     reports = []
+    budget = privacy.open_budget(config, models.family(config), n_records=len(train[0]))
     with connect(config) as client:  # reads the TLS files first: a wrong path fails before any training
         status("training", 0, arch=models.family(config).name, examples=len(train[0]))
-        state = _initial_model(config, train, held, test)
+        state = _initial_model(config, train, held, test, budget)
         round_no = 1
         while config.rounds.count == 0 or round_no <= config.rounds.count:
-            report, state = run_round(config, client, state, round_no, train, held, test=test, status=status)
+            report, state = run_round(config, client, state, round_no, train, held, test=test, status=status,
+                                      budget=budget)
             report |= {"arch": models.family(config).name, "n_train": len(train[0]), "n_heldout": len(held[0]),
                        "label_counts": _label_counts(s.labels, examples.labels),
                        "train": as_table(config.train)}
@@ -100,6 +114,15 @@ def run(config: SiloConfig) -> list[dict[str, Any]]:
                 time.sleep(config.rounds.interval_s)
     status("done", round_no - 1)
     return reports
+
+
+def private_split(config: SiloConfig):
+    """The silo's private records and their (train, held-out) cut, the same every run: what the
+    daemon trains and selects on, and what the audit calls members and non-members."""
+    s = config.silo
+    examples = read_labelled(s.data, labels=s.labels, text_column=s.text_column, label_column=s.label_column)
+    train, held = (part.pair() for part in heldout_split(examples, fraction=s.heldout_fraction, seed=s.seed))
+    return examples, train, held
 
 
 def _load_test(config: SiloConfig) -> Examples | None:
@@ -118,10 +141,12 @@ def _label_counts(labels, ys) -> dict[str, int]:
     return {name: counts[i] for i, name in enumerate(labels)}
 
 
-def _initial_model(config: SiloConfig, train: Examples, held: Examples, test: Examples | None) -> SiloState:
+def _initial_model(config: SiloConfig, train: Examples, held: Examples, test: Examples | None,
+                   budget=None) -> SiloState:
     folder = config.output_dir / "models" / "round-000"
     family = models.family(config)
-    model = family.train_new(config, train, held, work_dir=config.output_dir / "work")
+    dp = {"privacy": budget} if budget is not None else {}  # a family without DP support never sees the keyword
+    model = family.train_new(config, train, held, work_dir=config.output_dir / "work", **dp)
     temperature = family.calibrate(config, model, held)
     accuracy = model.evaluate(*held)
     test_accuracy = model.evaluate(*test) if test else None
@@ -149,7 +174,7 @@ def _quiet(phase: str, round_no: int, **detail: Any) -> None:
 
 def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round_no: int,
               train: Examples, held: Examples, *, test: Examples | None = None,
-              status=_quiet) -> tuple[dict[str, Any], SiloState]:
+              status=_quiet, budget=None) -> tuple[dict[str, Any], SiloState]:
     s = config.silo
     started = time.monotonic()
     family = models.family(config)
@@ -160,6 +185,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
                               "accuracy_before": state.accuracy, "bundle_bytes": manifest.total_size}
     if state.test_accuracy is not None:
         report.update(test_accuracy_before=state.test_accuracy, test_examples=len(test[0]))
+    status("checking privacy", round_no)
+    report.update(privacy.before_upload(config, family, state.model_dir, train, held, budget))
     status("uploading", round_no, bytes=manifest.total_size)
     t0 = time.monotonic()
     client.upload(state.model_dir, manifest, upload_id)
@@ -197,7 +224,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
     status("continuing", round_no, epochs=config.train.continue_epochs,
            synthetic=len(synthetic[0]) if synthetic else 0)
     current = family.load(config, state.model_dir)
-    chosen, info = family.continue_and_choose(config, current, family.load(config, dest), train, held, synthetic)
+    dp = {"privacy": budget} if budget is not None else {}
+    chosen, info = family.continue_and_choose(config, current, family.load(config, dest), train, held, synthetic, **dp)
     adopted = bool(info["adopted"])
     report.update(outcome=Stage.READY, selection={k: info[k] for k in ("val_acc_current", "val_acc_returned")},
                   kept="enhanced" if adopted else "previous")
@@ -210,6 +238,8 @@ def run_round(config: SiloConfig, client: CrossLMClient, state: SiloState, round
         _save(chosen, folder)
         state = SiloState(folder, accuracy, temperature, chosen.evaluate(*test) if test else None)
     report.update(accuracy_after=state.accuracy, seconds=round(time.monotonic() - started, 3))
+    if budget is not None:
+        report["privacy_after"] = budget.summary()  # ε spent including this round's continuation
     if state.test_accuracy is not None:
         report["test_accuracy_after"] = state.test_accuracy
     log.info("silo %s: round %d: held-out %.4f -> %.4f (kept %s; selection %.4f vs %.4f)%s", s.name, round_no,

@@ -44,19 +44,31 @@ def _slm_module():
 
 
 class SharedFamily:
-    """MiniLM or MPNet from the offline packages, trained as `crosslm simulate` trains them."""
+    """MiniLM or MPNet from the offline packages, trained as `crosslm simulate` trains them.
+
+    ``privacy`` (a crosslm_shared.dp.PrivacyBudget, given when `[privacy] enabled`): every
+    training is DP-SGD and its ε is recorded in the budget."""
+
+    supports_dp = True
 
     def __init__(self, name: str):
         self.name = name
 
-    def train_new(self, config: SiloConfig, train: Examples, held: Examples, *, work_dir: Path) -> Any:
+    def _base(self, config: SiloConfig, work_dir: Path) -> Any:
+        """What the first SLM starts from: the arch name (a pretrained encoder, new head)."""
+        return self.name
+
+    def train_new(self, config: SiloConfig, train: Examples, held: Examples, *, work_dir: Path,
+                  privacy=None) -> Any:
         slm = _slm_module()
-        model, _info = slm.train_selected(self.name, list(config.silo.labels), train, held,
-                                          config.train.slm_config(seed=config.silo.seed), desc=f"{config.silo.name} SLM")
+        model, _info = slm.train_selected(self._base(config, work_dir), list(config.silo.labels), train, held,
+                                          config.train.slm_config(seed=config.silo.seed), desc=f"{config.silo.name} SLM",
+                                          privacy=privacy)
         return model
 
     def continue_and_choose(self, config: SiloConfig, current: Any, returned: Any, train: Examples, held: Examples,
-                            synthetic: tuple[list[str], np.ndarray] | None = None) -> tuple[Any, dict]:
+                            synthetic: tuple[list[str], np.ndarray] | None = None, *,
+                            privacy=None) -> tuple[Any, dict]:
         """DESIGN.md §2 step 5, the silo's side: continue the returned SLM on the private data
         (plus the synthetic set that came back with it), then keep whichever of it and
         ``current`` is better on the held-out split. The same selection as ``crosslm simulate``
@@ -65,8 +77,9 @@ class SharedFamily:
         t, slm = config.train, _slm_module()
         if t.continue_epochs == 0:
             return keep_better(current, returned, held)
-        return slm.adopt_if_better(current, returned, train, held, t.slm_config(seed=config.silo.seed, epochs=t.continue_epochs),
-                                   synthetic=synthetic, desc=f"{config.silo.name} SLM")
+        return slm.adopt_if_better(current, returned, train, held,
+                                   t.slm_config(seed=config.silo.seed, epochs=t.continue_epochs),
+                                   synthetic=synthetic, desc=f"{config.silo.name} SLM continued", privacy=privacy)
 
     def load(self, config: SiloConfig, folder: Path) -> Any:
         return _slm_module().load_slm(folder)

@@ -80,6 +80,16 @@ class OffsetError(PreconditionError):
     """A chunk's offset is not the committed size: ask for the committed size and resume there."""
 
 
+class PrivacyError(CrossLMError):
+    """A silo's privacy policy refuses to train or send: the ε budget is spent, or the
+    membership-inference audit's AUC exceeds its bound (the silo's exit code 6). ``report``:
+    the figures behind the refusal, for the silo's round report."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = dict(report or {})
+
+
 class DemoReportError(CrossLMError):
     """The silos' reports lack what the demo report needs (a silo or round did not finish)."""
 

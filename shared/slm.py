@@ -12,6 +12,7 @@ baseline gets the same hyperparameter selection on the silo's validation split a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -163,13 +164,21 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]
     return [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}) if g["params"]]
 
 
+def _shuffled_batches(n: int, batch_size: int, gen: torch.Generator):
+    perm = torch.randperm(n, generator=gen).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
 def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg: SLMTrainConfig,
         val: tuple[Sequence[str], Sequence[int]] | None = None, desc: str = "train SLM",
-        progress: Callable[[int, int], None] | None = None) -> dict:
+        progress: Callable[[int, int], None] | None = None, dp=None) -> dict:
     """Fine-tune ``slm`` in place on (texts, targets); targets are label ids or soft distributions.
 
     With ``val``, the state of the epoch with the best validation accuracy is kept (ties go
-    to the later epoch) and returned figures describe it.
+    to the later epoch) and returned figures describe it. With ``dp`` (a crosslm_shared.dp.Plan)
+    every step is DP-SGD (crosslm_shared.dp.PrivateRun): Poisson batches, per-example clipping
+    and noise; the loss is then the plain mean (class weights come from the private label
+    counts, so they would couple one record's gradient to every other's).
     """
     if len(texts) == 0:
         return {"epochs": 0, "val_acc": slm.evaluate(*val, metric=cfg.select_metric) if val else float("nan")}
@@ -178,6 +187,12 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
     dev = next(slm.model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(param_groups(slm.model, lr, cfg.head_lr_mult), weight_decay=cfg.weight_decay)
+    run = None
+    if dp is not None:
+        from crosslm_shared.dp import PrivateRun
+
+        run = PrivateRun(slm.model, opt, len(texts), dp, seed=cfg.seed)
+        opt = run.optimizer
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = steps_per_epoch * epochs
     warm = max(1, int(total * cfg.warmup_fraction))
@@ -185,52 +200,70 @@ def fit(slm: SLM, texts: Sequence[str], targets, *, lr: float, epochs: int, cfg:
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     best = (-1.0, 0, None)
     bar = tqdm(total=total, desc=desc, leave=False, disable=None)
-    for epoch in range(1, epochs + 1):
-        slm.model.train()
-        perm = torch.randperm(len(texts), generator=gen).tolist()
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            enc = slm.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
-                                max_length=cfg.max_length, return_tensors="pt").to(dev)
-            logits = slm.model(**enc).logits.float()
-            per_example = -(y[idx].to(dev) * torch.log_softmax(logits, -1)).sum(-1)
-            loss = (w[idx].to(dev) * per_example).sum() / w[idx].sum().to(dev)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(slm.model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update(1)
-            if progress:
-                progress(bar.n, total)
-        if val is not None:
-            acc = slm.evaluate(*val, metric=cfg.select_metric)
-            if acc >= best[0]:
-                best = (acc, epoch, {k: v.detach().clone() for k, v in slm.model.state_dict().items()})
+    with run or contextlib.nullcontext():
+        for epoch in range(1, epochs + 1):
+            slm.model.train()
+            for idx in (run.batches() if run else _shuffled_batches(len(texts), cfg.batch_size, gen)):
+                # an empty Poisson batch still takes its noisy step: one blank text with zero loss
+                enc = slm.tokenizer([texts[j] for j in idx] or [""], padding=True, truncation=True,
+                                    max_length=cfg.max_length, return_tensors="pt").to(dev)
+                logits = slm.model(**enc).logits.float()
+                if not idx:
+                    loss = logits.sum() * 0.0
+                else:
+                    per_example = -(y[idx].to(dev) * torch.log_softmax(logits, -1)).sum(-1)
+                    loss = per_example.mean() if run else (w[idx].to(dev) * per_example).sum() / w[idx].sum().to(dev)
+                loss.backward()
+                if run is None:
+                    torch.nn.utils.clip_grad_norm_(slm.model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                bar.update(1)
+                if progress:
+                    progress(bar.n, total)
+            if val is not None:
+                acc = slm.evaluate(*val, metric=cfg.select_metric)
+                if acc >= best[0]:
+                    best = (acc, epoch, {k: v.detach().clone() for k, v in slm.model.state_dict().items()})
     bar.close()
+    dp_info = {"dp_steps": run.steps_taken} if run else {}
     if val is None:
-        return {"epochs": epochs}
+        return {"epochs": epochs, **dp_info}
     slm.model.load_state_dict(best[2])
-    return {"epochs": best[1], "val_acc": best[0]}
+    return {"epochs": best[1], "val_acc": best[0], **dp_info}
 
 
 def train_selected(base: str | SLM, labels: Sequence[str], train: tuple[Sequence[str], object],
                    val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
-                   desc: str = "SLM") -> tuple[SLM, dict]:
+                   desc: str = "SLM", privacy=None) -> tuple[SLM, dict]:
     """Train from ``base`` (an arch name, or an SLM to continue from) once per learning rate in
-    the grid and return the model with the best validation accuracy, calibrated on ``val``."""
+    the grid and return the model with the best validation accuracy, calibrated on ``val``.
+
+    With ``privacy`` (a crosslm_shared.dp.PrivacyBudget) every run is DP-SGD; the training's
+    cost (all runs: each saw the records) is recorded and ``info["privacy"]`` states ε so far.
+    """
+    plan = None
+    if privacy is not None:
+        plan = privacy.plan(n=len(train[0]), batch_size=cfg.batch_size, epochs=cfg.max_epochs,
+                            runs=len(cfg.lrs), what=desc)
     best: tuple[float, SLM | None, dict] = (-1.0, None, {})
+    steps = 0
     for lr in cfg.lrs:
         torch.manual_seed(cfg.seed)
         slm = base.clone() if isinstance(base, SLM) else new_slm(base, labels)
         info = fit(slm, train[0], train[1], lr=lr, epochs=cfg.max_epochs, cfg=cfg, val=val,
-                   desc=f"{desc} lr={lr:g}")
+                   desc=f"{desc} lr={lr:g}", dp=plan)
+        steps += info.pop("dp_steps", 0)
         log.debug("%s lr=%g -> val acc %.3f (epoch %d)", desc, lr, info["val_acc"], info["epochs"])
         if info["val_acc"] > best[0]:
             best = (info["val_acc"], slm, {"lr": lr, **info})
     slm = best[1]
     slm.temperature = calibrate_temperature(slm, *val)
     slm.info = {**best[2], "temperature": slm.temperature}
+    if privacy is not None:
+        privacy.record(plan, steps=steps, what=desc)
+        slm.info["privacy"] = privacy.summary()
     return slm, slm.info
 
 
@@ -297,7 +330,8 @@ def synthetic_validation(val: tuple[Sequence[str], Sequence[int]],
 def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Sequence[int]],
                     val: tuple[Sequence[str], Sequence[int]], cfg: SLMTrainConfig, *,
                     synthetic: tuple[Sequence[str], np.ndarray] | None = None,
-                    desc: str = "continue", inspect: Callable[[SLM], None] | None = None) -> tuple[SLM, dict]:
+                    desc: str = "continue", inspect: Callable[[SLM], None] | None = None,
+                    privacy=None) -> tuple[SLM, dict]:
     """The silo's side of a round: continue the returned SLM on private data (plus the returned
     synthetic set, if given), with the same selection as every baseline, then keep whichever of
     it and ``current`` is better on the validation split (ties go to the newer model).
@@ -305,12 +339,13 @@ def adopt_if_better(current: SLM, returned: SLM, train: tuple[Sequence[str], Seq
     With a synthetic set, labels the validation split lacks are topped up from it
     (:func:`synthetic_validation`); both models are judged on the same topped-up split.
     ``inspect`` sees the continued model whether or not it is kept (a study measures what the
-    gate earns on test data the silo never sees).
+    gate earns on test data the silo never sees). ``privacy``: as for :func:`train_selected`
+    (the private records are in every batch; the synthetic ones are post-processing).
     """
     k = len(current.labels)
     val, synthetic = synthetic_validation(val, synthetic, k, cfg.min_val_per_label, seed=cfg.seed)
     data = with_synthetic(train, synthetic, k)
-    continued, info = train_selected(returned, current.labels, data, val, cfg, desc=desc)
+    continued, info = train_selected(returned, current.labels, data, val, cfg, desc=desc, privacy=privacy)
     if inspect is not None:
         inspect(continued)
     current_acc = current.evaluate(*val, metric=cfg.select_metric)

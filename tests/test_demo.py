@@ -153,6 +153,18 @@ def test_the_demo_configs_have_the_examples_shape(tmp_path, demo_config):
         prepare(_settings(demo_config, tmp_path / "run"))
 
 
+def test_the_demo_hands_its_privacy_table_to_every_silo(tmp_path, demo_config):
+    """`crosslm demo --set privacy.enabled=true ...`: every silo TOML it writes carries [privacy],
+    and a demo without DP writes none."""
+    sets = ("zerogen=false", "privacy.enabled=true", "privacy.epsilon=8.0", "privacy.rounds=2")
+    layout = prepare(_settings(demo_config, tmp_path / "dp", silos=2, sets=sets))
+    for name in ("silo-a", "silo-b"):
+        p = load_silo_config(layout.silo_toml(name)).privacy
+        assert (p.enabled, p.epsilon, p.rounds) == (True, 8.0, 2)
+    plain = prepare(_settings(demo_config, tmp_path / "plain", silos=2))
+    assert "privacy" not in tomllib.loads(plain.silo_toml("silo-a").read_text())
+
+
 @pytest.mark.e2e
 def test_a_crashing_silo_is_named_with_its_log_and_everything_stops(tmp_path, demo_config):
     out = tmp_path / "run"

@@ -65,3 +65,21 @@ def test_a_config_without_a_judge_pool_runs_and_reports_the_judge_figures_as_nan
     assert check_schema(report) == []
     assert all(math.isnan(s["judge_on_label"]) for s in report["rounds"][0]["silos"].values())
     assert math.isnan(report["llm"]["on_label_before"])
+
+
+def test_simulate_with_dp_charges_each_silo_and_reports_epsilon(tmp_path, tiny_sim_config):
+    """`privacy.enabled`: every silo's silo-only SLM and each round's continuation are DP-SGD,
+    one budget per silo, spent to ε over 1 + rounds trainings; the report states it."""
+    out = tmp_path / "out"
+    args = ["simulate", "--config", str(tiny_sim_config), "--out", str(out), "--rounds", "1", "--set", "zerogen=false",
+            "--set", "privacy.enabled=true", "--set", "privacy.epsilon=4.0"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    for s in report["silos"].values():
+        assert s["privacy"]["trainings"] == 2 and abs(s["privacy"]["epsilon"] - 4.0) < 0.1
+        assert s["local_selection"]["privacy"]["epsilon"] < s["privacy"]["epsilon"]
+    assert all(0 < r["epsilon"] <= 4.0 + 1e-6 for r in report["rounds"][0]["silos"].values())
+    assert "DP-SGD on the private records" in (out / "report.md").read_text()
+    # ZeroGen's arm is not DP-accounted: with DP on it must be switched off
+    assert main(["simulate", "--config", str(tiny_sim_config), "--out", str(tmp_path / "zg"), "--rounds", "1",
+                 "--set", "privacy.enabled=true"]) == 2

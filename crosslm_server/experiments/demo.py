@@ -172,6 +172,8 @@ def _write_configs(layout: Layout, cfg, settings: DemoSettings) -> None:
             "train": train,
             "rounds": {"count": layout.rounds, "interval_s": 0},
         }
+        if cfg.privacy.enabled:  # the config's DP settings become each silo's [privacy] (docs/privacy.md)
+            silo["privacy"] = as_table(cfg.privacy)
         _write_toml(layout.silo_toml(name), f"`crosslm demo` {name}: the shape of examples/silo-a.toml, on the demo's "
                     f"localhost port.\ndata/{name}.csv is private: it never leaves this silo. [train] is the engine "
                     "config's [round.slm],\nas crosslm simulate trains. Relative paths are resolved against this "

@@ -56,7 +56,10 @@ def build_report(silo_dirs: dict[str, Path], *, rounds: int, header: dict[str, A
             "n_heldout": first["n_heldout"], "n_test": first["test_examples"], "label_counts": first["label_counts"],
             "acc_local": first["test_accuracy_before"], "acc_after": [r["test_accuracy_after"] for r in reps],
             "adopted": [r["kept"] == "enhanced" for r in reps], "heldout_local": first["accuracy_before"],
-            "heldout_after": [r["accuracy_after"] for r in reps], "train": first.get("train", {})}
+            "heldout_after": [r["accuracy_after"] for r in reps], "train": first.get("train", {}),
+            # docs/privacy.md: ε spent by the end (a DP silo) and the audit of each model it sent
+            "privacy": reps[-1].get("privacy_after") or reps[-1].get("privacy") or {"dp": False},
+            "audit": [r["audit"] for r in reps if "audit" in r]}
         for rep in reps[:rounds]:
             m = rep.get("server_metrics", {})  # typed as the engine reported them (ints, floats, lists)
             if rep["outcome"] != Stage.READY:

@@ -28,7 +28,8 @@ def check_schema(report: dict) -> list[str]:
     missing += [f"llm.{k}" for k in llm_keys if k not in report.get("llm", {})]
     for i, rnd in enumerate(report.get("rounds", [])):
         missing += [f"rounds[{i}].{k}" for k in REQUIRED_ROUND_KEYS if k not in rnd]
-    if simulate and "zerogen" not in report.get("baselines", {}):
+    zerogen = report.get("config", {}).get("zerogen", True)  # `zerogen = false` runs no ZeroGen arm
+    if simulate and zerogen and "zerogen" not in report.get("baselines", {}):
         missing.append("baselines.zerogen")
     if not report.get("silos"):
         missing.append("silos")
@@ -45,6 +46,21 @@ def final_acc(silo: dict) -> float:
     """A silo's SLM test accuracy at the end of a run: after the final pool sync if it ran, else
     after the last round."""
     return silo.get("acc_final", silo["acc_after"][-1])
+
+
+def _privacy_lines(report: dict) -> list[str]:
+    """ε spent per DP silo and the audit AUC of each model sent (docs/privacy.md); nothing otherwise."""
+    lines = []
+    dp = {n: s["privacy"] for n, s in report["silos"].items() if s.get("privacy", {}).get("dp")}
+    if dp:
+        lines += ["", "DP-SGD on the private records (ε spent of the silo's budget, δ, Opacus accountant): " +
+                  ", ".join(f"{n} ε = {p['epsilon']:.2f} of {p['epsilon_budget']:g} (δ = {p['delta']:g}, "
+                            f"{p['accountant']})" for n, p in dp.items()) + "; other silos: no DP."]
+    audits = {n: s["audit"] for n, s in report["silos"].items() if s.get("audit")}
+    if audits:
+        lines += ["", "Membership-inference audit of each model sent (loss attack; AUC, 0.5 = chance): " +
+                  ", ".join(f"{n} " + " / ".join(f"{a['auc']:.3f}" for a in runs) for n, runs in audits.items()) + "."]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -73,7 +89,7 @@ def render_markdown(report: dict) -> str:
     else:
         mean = (f"Mean: silo-only {_pct(mean_local)}, CrossLM {_pct(mean_after)} "
                 f"({100 * (mean_after - mean_local):+.1f} points vs silo-only).")
-    lines += ["", mean, "", "## LLM", "", "| figure | before | after |", "|---|---|---|"]
+    lines += ["", mean, *_privacy_lines(report), "", "## LLM", "", "| figure | before | after |", "|---|---|---|"]
     llm = report["llm"]
     judge = ([f"| judge on-label rate of generations | {_pct(llm['on_label_before'])} % | "
               f"{_pct(llm['on_label_after'])} % |"] if "on_label_before" in llm else [])

@@ -95,7 +95,7 @@ def zerogen_baseline(llm, task, split, local: dict[str, SLM], cfg: SimConfig, ju
 
 
 def take_synthetic(silo, current: SLM, texts: list[str], target: np.ndarray, cfg: SimConfig, slm_cfg,
-                   *, desc: str) -> tuple[SLM, dict]:
+                   *, desc: str, privacy=None) -> tuple[SLM, dict]:
     """A silo takes a whole synthetic set at once (ZeroGen's set; CrossLM's pool at the final
     sync): its SLM fine-tuned on the set, continued on private data (plus the set), and kept only
     if better on the silo's validation split. Returns the chosen SLM and its test figures."""
@@ -103,7 +103,7 @@ def take_synthetic(silo, current: SLM, texts: list[str], target: np.ndarray, cfg
     seen: dict = {}
     chosen, info = adopt_if_better(current, enhanced, _pair(silo.train), _pair(silo.val), slm_cfg,
                                    synthetic=(texts, target) if cfg.continue_on == "private+synthetic" else None,
-                                   desc=desc, inspect=_test_acc(silo, seen))
+                                   desc=desc, inspect=_test_acc(silo, seen), privacy=privacy)
     acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
     return chosen, {"acc": acc, "adopted": info["adopted"], "acc_returned": seen["acc"], "n_synthetic": len(texts),
                     **{k: info[k] for k in ("val_acc_current", "val_acc_returned", "n_val")}}
@@ -135,10 +135,15 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
 
     t = time.perf_counter()
     local: dict[str, SLM] = {}
+    budgets = silo_budgets(cfg, split)
     for i, silo in enumerate(tqdm(split.silos, desc="silo-only SLMs", disable=None)):
         arch = cfg.archs[i % len(cfg.archs)]
-        slm, info = cache.slm(f"local-{silo.name}", base_key, lambda: train_selected(
-            arch, task.label_names, _pair(silo.train), _pair(silo.val), slm_cfg, desc=f"{silo.name} local"))
+
+        def train(arch=arch, silo=silo):
+            return train_selected(arch, task.label_names, _pair(silo.train), _pair(silo.val), slm_cfg,
+                                  desc=f"{silo.name} local", privacy=budgets.get(silo.name))
+        # a cached DP model would not charge this run's budget: train it here
+        slm, info = train() if budgets else cache.slm(f"local-{silo.name}", base_key, train)
         local[silo.name] = slm
         report["silos"][silo.name] = {
             "arch": arch, "n_private": len(silo.train) + len(silo.val), "n_train": len(silo.train),
@@ -195,7 +200,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
             seen = {}
             chosen, info = adopt_if_better(latest[silo.name], res.enhanced, _pair(silo.train), _pair(silo.val),
                                            slm_cfg, synthetic=synthetic if cfg.continue_on == "private+synthetic"
-                                           else None, desc=f"{silo.name} r{r}", inspect=_test_acc(silo, seen))
+                                           else None, desc=f"{silo.name} r{r}", inspect=_test_acc(silo, seen),
+                                           privacy=budgets.get(silo.name))
             latest[silo.name] = chosen
             acc = seen["acc"] if info["adopted"] else chosen.evaluate(*_pair(silo.test))
             report["silos"][silo.name]["acc_after"].append(acc)
@@ -207,6 +213,8 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
                                              "val_acc_returned": info["val_acc_returned"],
                                              "val_acc_current": info["val_acc_current"], "n_val": info["n_val"],
                                              "n_synthetic": len(synthetic[0])}
+            if budgets:
+                round_rec["silos"][silo.name]["epsilon"] = budgets[silo.name].spent()
             _dump_samples(out / f"samples-r{r}-{silo.name}.jsonl", res)
             log.info("round %d %s: kept %d/%d, reward %.3f, kl %.4f, test acc %.3f (adopted=%s)", r, silo.name,
                      res.metrics["kept"], res.metrics["generated"], res.metrics["reward_mean"], res.metrics["kl"],
@@ -223,11 +231,13 @@ def simulate(cfg: SimConfig, out: Path, *, cache_dir: Path | None = None, baseli
         texts, target = pool.get(task.name, task.num_labels)
         for silo in split.silos:
             latest[silo.name], sync = take_synthetic(silo, latest[silo.name], texts, target, cfg, slm_cfg,
-                                                     desc=f"{silo.name} sync")
+                                                     desc=f"{silo.name} sync", privacy=budgets.get(silo.name))
             report["silos"][silo.name] |= {"acc_final": sync["acc"], "sync": sync}
             log.info("final sync %s: %d pooled examples, test acc %.3f (adopted=%s)", silo.name, len(texts),
                      sync["acc"], sync["adopted"])
     report["timing"]["crosslm_s"] = time.perf_counter() - t
+    for name, budget in budgets.items():
+        report["silos"][name]["privacy"] = budget.summary()
 
     last = report["rounds"][-1]["llm"]
     report["llm"] |= {"acc_after": last["acc"], "pred_rate_after": last["pred_rate"], "ppl_after": last["ppl"],
@@ -252,11 +262,24 @@ def cache_keys(cfg: SimConfig, split: Split) -> tuple[str, str, str]:
     then ZeroGen; keyed by the split's contents too, so a change in how data is cut never
     reuses stale models."""
     c = as_dict(cfg)
-    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split))
+    dp = [c["privacy"]] if cfg.privacy.enabled else []  # keys of runs without DP stay as they were
+    base_key = config_key(c["task"], c["seed"], c["split"], c["archs"], c["round"]["slm"], split_fingerprint(split), *dp)
     llm_key = config_key(base_key, c["llm"], c["eval"], c["round"]["generate"])
     zerogen_key = config_key(llm_key, zerogen_budget(cfg), c["round"]["filter"], c["round"]["enhance"],
                              c["continue_on"])
     return base_key, llm_key, zerogen_key
+
+
+def silo_budgets(cfg: SimConfig, split: Split) -> dict:
+    """One ε budget per silo when `privacy.enabled`: its silo-only SLM, every round's continuation
+    and the final sync are the trainings it is spread over."""
+    if not cfg.privacy.enabled:
+        return {}
+    from crosslm_shared.dp import PrivacyBudget
+
+    planned = 1 + (cfg.privacy.rounds or cfg.rounds) + int(cfg.final_sync)
+    return {s.name: PrivacyBudget(cfg.privacy, n_records=len(s.train), planned=planned, silo=s.name)
+            for s in split.silos}
 
 
 def split_fingerprint(split: Split) -> str:

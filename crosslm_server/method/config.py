@@ -18,6 +18,7 @@ from typing import Literal
 
 from crosslm_shared.data import SplitConfig
 from crosslm_shared.errors import ConfigError
+from crosslm_shared.privacy import PrivacyConfig
 from crosslm_shared.schema import build, option
 from crosslm_shared.slm_config import SLMTrainConfig
 from crosslm_shared.tomlconfig import read_toml
@@ -220,9 +221,14 @@ class SimConfig(EngineConfig):
     final_sync: bool = option(
         False, "after the last round every silo takes the whole pool once more, as ZeroGen's silos take its set")
     split: SplitConfig = option(factory=SplitConfig, help="how the task's data is cut into silos and test sets")
+    privacy: PrivacyConfig = option(factory=PrivacyConfig, help="DP-SGD for every silo's training on its private "
+                                                                 "records, one epsilon budget per silo (docs/privacy.md)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.privacy.enabled and self.zerogen:
+            raise ConfigError("privacy.enabled = true needs zerogen = false: the ZeroGen arm's continuation on "
+                              "private data is not charged to a DP budget yet (its figures would not be private)")
         if self.rounds < 1:
             raise ConfigError(f"rounds = {self.rounds}; need at least 1")
         if not self.archs:
