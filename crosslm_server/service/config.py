@@ -15,7 +15,7 @@ from crosslm_server.engines.api import ENGINES
 from crosslm_shared.plugins import is_import_path
 
 MiB = 1024 * 1024
-StoreKind = Literal["sqlite", "memory"]
+StoreKind = Literal["sqlite", "memory", "postgres"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -132,12 +132,52 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class StoreSection:
-    kind: StoreKind = "sqlite"          # "sqlite" (durable, WAL) or "memory" (tests: forgets on exit)
+    kind: StoreKind = "sqlite"          # "sqlite" (durable, WAL), "memory" (tests: forgets on exit) or "postgres" (shared by several processes)
     path: Path | None = None            # SQLite file; default <data_dir>/state.db
+    dsn: str = field(default="", metadata={"help": "PostgreSQL connection string (kind = 'postgres'), e.g. "
+                                                   "'postgresql://crosslm@db:5432/crosslm'; the password in "
+                                                   "PGPASSWORD or ~/.pgpass, not here"})
+    pool_size: int = field(default=8, metadata={"help": "PostgreSQL connections one process may hold at once"})
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(StoreKind):
             raise _bad("store", "kind", self.kind, str(get_args(StoreKind)))
+        if self.kind == "postgres" and not self.dsn:
+            raise _bad("store", "dsn", self.dsn, "a libpq connection string when kind = 'postgres'")
+        if self.pool_size < 1:
+            raise _bad("store", "pool_size", self.pool_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    """Who runs rounds: the server's own thread (one process, the default) or `crosslm-server
+    worker` processes sharing a PostgreSQL store and the data_dir (docs/service.md, "Production
+    topology")."""
+
+    builtin: bool = field(default=True, metadata={"help": "true: `serve` runs rounds itself; false: `serve` is a "
+                                                          "front-end only and `crosslm-server worker` runs them"})
+    name: str = field(default="", metadata={"help": "this worker's name in leases and logs; default host:pid"})
+    lease_s: float = field(default=60.0, metadata={"help": "a round's lease; a worker silent this long loses it "
+                                                           "and another worker runs the round"})
+    heartbeat_s: float = field(default=15.0, metadata={"help": "how often a worker extends its lease "
+                                                               "(at most a third of lease_s)"})
+    max_attempts: int = field(default=3, metadata={"help": "claims of one round before it is dead-lettered "
+                                                           "(failed) instead of queued again"})
+    poll_s: float = field(default=1.0, metadata={"help": "how often an idle worker looks for queued rounds"})
+    http_port: int = field(default=0, metadata={"help": "`crosslm-server worker`: port of its /healthz /readyz "
+                                                        "/metrics on [server] http_host (0 = any free port)"})
+
+    def __post_init__(self) -> None:
+        if not self.lease_s > 0:
+            raise _bad("worker", "lease_s", self.lease_s, "> 0 seconds")
+        if not 0 < self.heartbeat_s <= self.lease_s / 3:
+            raise _bad("worker", "heartbeat_s", self.heartbeat_s, f"0 < heartbeat_s <= lease_s / 3 ({self.lease_s / 3:g})")
+        if self.max_attempts < 1:
+            raise _bad("worker", "max_attempts", self.max_attempts, ">= 1")
+        if not self.poll_s > 0:
+            raise _bad("worker", "poll_s", self.poll_s, "> 0 seconds")
+        if not 0 <= self.http_port <= 65535:
+            raise _bad("worker", "http_port", self.http_port, "0..65535")
 
 
 @dataclass(frozen=True)
@@ -155,6 +195,12 @@ class ServerConfig:
     server: ServerSection = field(default_factory=ServerSection)
     store: StoreSection = field(default_factory=StoreSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+
+    def __post_init__(self) -> None:
+        if not self.worker.builtin and self.store.kind != "postgres":
+            raise ConfigError(f"[worker] builtin = false needs [store] kind = 'postgres' (got {self.store.kind!r}): "
+                              "separate worker processes share the state through PostgreSQL")
 
     @property
     def store_path(self) -> Path:
@@ -179,9 +225,9 @@ def _section(cls, section: str, raw: dict[str, Any], base: Path):
 def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | None = None) -> ServerConfig:
     """Read a TOML file; `overrides` ({section: {key: value}}) come from command-line flags."""
     raw = read_toml(path, "server config", overrides=overrides)
-    unknown = sorted(set(raw) - {"server", "store", "engine"})
+    unknown = sorted(set(raw) - {"server", "store", "engine", "worker"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store']")
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: ['engine', 'server', 'store', 'worker']")
     base = Path(path).resolve().parent
     options = raw.get("engine", {}).get("options", {})
     # engine paths, like the others, are relative to this file
@@ -190,7 +236,8 @@ def load_server_config(path: Path, *, overrides: dict[str, dict[str, Any]] | Non
             options[key] = str((base / options[key]).resolve())
     return ServerConfig(server=_section(ServerSection, "server", raw.get("server", {}), base),
                         store=_section(StoreSection, "store", raw.get("store", {}), base),
-                        engine=_section(EngineSection, "engine", raw.get("engine", {}), base))
+                        engine=_section(EngineSection, "engine", raw.get("engine", {}), base),
+                        worker=_section(WorkerSection, "worker", raw.get("worker", {}), base))
 
 
 @dataclass(frozen=True)

@@ -315,9 +315,14 @@ class CrossLMService:
     # ---- events --------------------------------------------------------------------------
     def emit(self, submission_id: str, kind: str, fields: Mapping[str, Any]) -> Event:
         event = self.store.append_event(submission_id, kind, stringify_fields(fields), now=self.clock())
+        self.notify_watchers()
+        return event
+
+    def notify_watchers(self) -> None:
+        """Wake this process's Watch streams: the store holds new events (a worker in another
+        process writes its own; the watchers see them at their next poll)."""
         with self._changed:
             self._changed.notify_all()
-        return event
 
     def watch(self, silo: str, submission_id: str, after_seq: int, *,
               active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[Event]:

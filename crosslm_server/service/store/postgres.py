@@ -3,7 +3,7 @@ and workers (docs/service.md, "Production topology").
 
 psycopg 3 with a connection pool; named parameters only; every operation is one short
 transaction (a claim commits at once, no lock is held for a round). The schema is versioned
-(`MIGRATIONS`, table `schema_migrations`) and brought up to date when the store opens, under an
+(migrations/NNNN_*.sql, table `schema_migrations`) and brought up to date when the store opens, under an
 advisory lock so that processes starting together apply each migration once. One running round
 per task is a partial unique index, not only a rule in the code.
 """
@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 from crosslm_shared.bundle import Manifest
 from crosslm_shared.convert import manifest_from_json, manifest_to_json
@@ -33,68 +34,16 @@ except ImportError:  # the `postgres` extra is not installed: the store says so 
 log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x43524C4D  # "CRLM": pg_advisory_xact_lock key for applying migrations
 
-# (version, SQL). Append only: a released migration never changes, the next one alters it.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, """
-CREATE TABLE uploads (
-    upload_id  TEXT PRIMARY KEY,
-    silo       TEXT NOT NULL,
-    manifest   TEXT NOT NULL,
-    complete   BOOLEAN NOT NULL DEFAULT false,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE SEQUENCE fence;
-CREATE TABLE submissions (
-    n             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    submission_id TEXT NOT NULL UNIQUE,
-    upload_id     TEXT NOT NULL UNIQUE,
-    silo          TEXT NOT NULL,
-    task          TEXT NOT NULL,
-    stage         TEXT NOT NULL CHECK (stage IN ('queued', 'running', 'ready', 'failed')),
-    error         TEXT NOT NULL DEFAULT '',
-    result        TEXT,
-    metrics       TEXT NOT NULL DEFAULT '{}',
-    created_at    DOUBLE PRECISION NOT NULL,
-    updated_at    DOUBLE PRECISION NOT NULL,
-    worker        TEXT NOT NULL DEFAULT '',
-    token         BIGINT NOT NULL DEFAULT 0,
-    lease_until   DOUBLE PRECISION,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    last_seq      INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX submissions_queued ON submissions (n) WHERE stage = 'queued';
-CREATE INDEX submissions_silo ON submissions (silo, n);
-CREATE UNIQUE INDEX one_running_round_per_task ON submissions (task) WHERE stage = 'running';
-CREATE TABLE events (
-    submission_id TEXT NOT NULL REFERENCES submissions (submission_id),
-    seq           INTEGER NOT NULL,
-    kind          TEXT NOT NULL,
-    time          DOUBLE PRECISION NOT NULL,
-    fields        TEXT NOT NULL,
-    PRIMARY KEY (submission_id, seq)
-);
-CREATE TABLE peers (
-    task          TEXT NOT NULL,
-    silo          TEXT NOT NULL,
-    submission_id TEXT NOT NULL REFERENCES submissions (submission_id),
-    PRIMARY KEY (task, silo)
-);
-CREATE TABLE adapter_head (
-    task    TEXT PRIMARY KEY,
-    version INTEGER NOT NULL
-);
-CREATE TABLE adapter_versions (
-    task          TEXT NOT NULL,
-    version       INTEGER NOT NULL,
-    submission_id TEXT NOT NULL UNIQUE REFERENCES submissions (submission_id),
-    uri           TEXT NOT NULL,
-    created_at    DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (task, version)
-);
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""),)
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")  # NNNN_name.sql, applied in order, each once
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, SQL) of every migration file, oldest first."""
+    found = []
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:4]), path.read_text()))
+    return found
+
 
 _SUB = "submission_id, upload_id, silo, task, stage, created_at, updated_at, error, result, metrics"
 _UPLOAD = "upload_id, silo, manifest, complete, created_at"
@@ -152,16 +101,17 @@ class PostgresStore(LeaseStore):
             cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
                         "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
             done = {r[0] for r in cur.execute("SELECT version FROM schema_migrations").fetchall()}
-            newer = sorted(done - {v for v, _ in MIGRATIONS})
+            known = migrations()
+            newer = sorted(done - {v for v, _ in known})
             if newer:
                 raise PreconditionError(f"the database holds schema version(s) {newer} that this CrossLM does not "
                                         "know: upgrade CrossLM (never run an older one against a migrated database)")
-            for version, sql in MIGRATIONS:
+            for version, sql in known:
                 if version not in done:
                     cur.execute(sql)
                     cur.execute("INSERT INTO schema_migrations (version) VALUES (%(v)s)", {"v": version})
                     log.info("store: applied schema migration %d", version)
-        return max(v for v, _ in MIGRATIONS)
+        return max(v for v, _ in known)
 
     # ---- uploads ---------------------------------------------------------------------------
     def put_upload(self, upload: Upload) -> Upload:
