@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ("transfer", "generation", "llm_passes", "responsiveness", "concurrency", "round", "truncation")
+SCRIPTS = ("transfer", "generation", "llm_passes", "responsiveness", "concurrency", "round", "truncation", "scaleout")
 
 
 def load(name: str):

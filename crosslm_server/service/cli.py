@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_server_config(args.config, overrides={
                 "server": {"data_dir": data_dir}, "engine": {"name": args.engine},
                 "worker": {"name": args.name, "http_port": args.http_port}})
+            config.require_shared_store("`crosslm-server worker`")
         else:
             tls = {key: str(Path(value).resolve()) if value else None
                    for key, value in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca))}

@@ -198,9 +198,14 @@ class ServerConfig:
     worker: WorkerSection = field(default_factory=WorkerSection)
 
     def __post_init__(self) -> None:
-        if not self.worker.builtin and self.store.kind != "postgres":
-            raise ConfigError(f"[worker] builtin = false needs [store] kind = 'postgres' (got {self.store.kind!r}): "
-                              "separate worker processes share the state through PostgreSQL")
+        if not self.worker.builtin:
+            self.require_shared_store("[worker] builtin = false")
+
+    def require_shared_store(self, what: str) -> None:
+        """Front-ends and workers apart share their state through PostgreSQL only."""
+        if self.store.kind != "postgres":
+            raise ConfigError(f"{what} needs [store] kind = 'postgres' (got {self.store.kind!r}): separate front-end "
+                              "and worker processes share the state through PostgreSQL; with SQLite run `serve` alone")
 
     @property
     def store_path(self) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
-from crosslm_shared.errors import ConfigError, CrossLMError
+from crosslm_shared.errors import CrossLMError
 from crosslm_server.service.config import Limits, ServerConfig
 from crosslm_server.service.http import build_app
 from crosslm_server.service.leases import Reaper
@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 class WorkerProcess:
     def __init__(self, config: ServerConfig, *, engine_factory=None):
         """Open the store and bind the probe port; nothing runs until `start()`."""
-        if config.store.kind != "postgres":
-            raise ConfigError(f"[store] kind={config.store.kind!r}: a worker process shares its state with the "
-                              "front-ends, so it needs kind = 'postgres' (one process with SQLite: `serve` alone)")
+        config.require_shared_store("`crosslm-server worker`")
         s = config.server
         Path(s.data_dir).mkdir(parents=True, exist_ok=True)
         self.config, self.metrics = config, Metrics()

@@ -76,7 +76,11 @@ class PostgresStore(LeaseStore):
             self._pool.close()
             raise PreconditionError(f"[store] dsn: no PostgreSQL answered within {connect_timeout_s:.0f} s "
                                     f"({_safe(dsn)}): start it or fix the dsn") from e
-        self.migrate()
+        try:
+            self.migrate()
+        except BaseException:
+            self._pool.close()
+            raise
 
     # ---- plumbing --------------------------------------------------------------------------
     @contextmanager
