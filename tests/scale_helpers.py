@@ -7,11 +7,18 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 TASKS = {"rt": ("neg", "pos"), "rt2": ("neg", "pos")}
+
+
+def server_toml(*, store: str, engine: str, engine_options: str, server: str = "", worker: str = "") -> str:
+    """A test server's TOML: plaintext on free localhost ports, data_dir "data" next to the file."""
+    return "\n".join(["[server]", 'grpc_host = "127.0.0.1"', "grpc_port = 0", 'http_host = "127.0.0.1"',
+                      "http_port = 0", 'data_dir = "data"', "plaintext_dev_mode = true", "grace_s = 2", server,
+                      "[store]", store, "[worker]", worker, "[engine]", f'name = "{engine}"', "[engine.options]",
+                      engine_options, ""])
 
 
 def write_config(root: Path, dsn: str, *, step_seconds: float = 0.0, lease_s: float = 3.0, heartbeat_s: float = 0.5,
@@ -21,33 +28,13 @@ def write_config(root: Path, dsn: str, *, step_seconds: float = 0.0, lease_s: fl
     root.mkdir(parents=True, exist_ok=True)
     tasks = ", ".join(f'{name} = {list(labels)!r}'.replace("'", '"') for name, labels in TASKS.items())
     path = root / "server.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [server]
-        grpc_host = "127.0.0.1"
-        grpc_port = 0
-        http_host = "127.0.0.1"
-        http_port = 0
-        data_dir = "data"
-        plaintext_dev_mode = true
-        grace_s = 2
-        max_queued_per_silo = 8
-        [store]
-        kind = "{store}"
-        dsn = "{dsn}"
-        [worker]
-        builtin = {str(builtin).lower()}
-        lease_s = {lease_s}
-        heartbeat_s = {heartbeat_s}
-        max_attempts = {max_attempts}
-        poll_s = {poll_s}
-        [engine]
-        name = "fakes.tiny_engine:TinyEngine"
-        [engine.options]
-        step_seconds = {step_seconds}
-        steps = {steps}
-        adapters_dir = "data/adapters"
-        tasks = {{ {tasks} }}
-        """))
+    path.write_text(server_toml(
+        server="max_queued_per_silo = 8", store=f'kind = "{store}"\ndsn = "{dsn}"',
+        worker=f"builtin = {str(builtin).lower()}\nlease_s = {lease_s}\nheartbeat_s = {heartbeat_s}\n"
+               f"max_attempts = {max_attempts}\npoll_s = {poll_s}",
+        engine="fakes.tiny_engine:TinyEngine",
+        engine_options=f'step_seconds = {step_seconds}\nsteps = {steps}\nadapters_dir = "data/adapters"\n'
+                       f"tasks = {{ {tasks} }}"))
     return path
 
 

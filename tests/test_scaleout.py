@@ -154,3 +154,45 @@ def test_a_front_end_restart_loses_no_watch(cluster, tmp_path):
     assert [(e.seq, e.kind) for e in seen] == [(e.seq, e.kind) for e in stored] == [(e.seq, e.kind) for e in again]
     assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
     assert [e.kind for e in seen].count("ready") == 1 and [e.kind for e in seen].count("started") == 1
+
+
+def test_kill9_of_a_crosslm_worker_mid_round_leaves_one_adapter_version(cluster, tmp_path, tiny_sim_config,
+                                                                      toy_task_path, tiny_slm_dir):
+    """The real engine on tiny models, two workers sharing data_dir/adapters: whichever dies, the
+    round is applied to the LLM once, on disk and in the store's versions."""
+    from conftest import write_task
+    from crosslm_server.engines.adapters import AdapterStore
+    from crosslm_shared.slm import new_slm
+    from crosslm_shared.tasks import load_task
+    from scale_helpers import server_toml
+
+    (tmp_path / "task").mkdir()
+    task_path = write_task(tmp_path / "task", labels=("negative", "positive"))
+    tiny_sim_config.write_text(tiny_sim_config.read_text().replace(str(toy_task_path), str(task_path)))
+    task = load_task(task_path)
+    cluster.root.mkdir(parents=True)
+    path = cluster.root / "server.toml"
+    path.write_text(server_toml(
+        store=f'kind = "postgres"\ndsn = "{cluster.dsn}"', worker="builtin = false\nlease_s = 4\nheartbeat_s = 1",
+        engine="crosslm", engine_options=f'config = "{tiny_sim_config}"\ntasks = ["{task_path}"]'))
+    fe = cluster.start(front_end(path))
+    w1, w2 = cluster.start(worker(path, "w1")), cluster.start(worker(path, "w2"))
+    folder = new_slm(str(tiny_slm_dir), task.label_names).save(tmp_path / "silo" / "slm")
+    manifest = make_manifest(folder, task=task.name, silo="a", arch="bert", labels=tuple(task.label_names))
+    with CrossLMClient(fe.address, "a", retry=FAST) as client:
+        client.upload(folder, manifest, "a-crash-llm-01")
+        sid = client.submit("a-crash-llm-01").submission_id
+    store = cluster.store
+    wait_for(lambda: "training_llm" in kinds(store, sid), timeout_s=600, what="the round updating the LLM")
+    {"w1": w1, "w2": w2}[running_worker(store, sid)[0]].kill9()
+    wait_for(lambda: store.get_submission(sid).terminal, timeout_s=600, what="the round finished by the other worker")
+    sub = store.get_submission(sid)
+    assert sub.stage == "ready" and kinds(store, sid).count("ready") == 1, (sub.error, kinds(store, sid))
+    on_disk = AdapterStore(cluster.root / "data" / "adapters").versions()
+    if sub.metrics.get("llm_updated") == "1":
+        assert [v.meta["submission_id"] for v in on_disk] == [sid]
+        assert [(v.version, v.submission_id, v.uri) for v in store.adapter_versions(task.name)] == [
+            (1, sid, on_disk[0].path.resolve().as_uri())]
+    else:  # the round kept no sample: it never changes the LLM
+        assert on_disk == [] and store.adapter_versions(task.name) == []
+    assert "adapter_uri" not in sub.metrics  # a server location is never shown to a silo

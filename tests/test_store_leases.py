@@ -1,5 +1,6 @@
-"""The LeaseStore contract on a real PostgreSQL: leases, fencing, the dead-letter state, one running
-round per task (in the database), adapter versions by compare-and-swap, concurrent claims."""
+"""The LeaseStore contract, on memory and on a real PostgreSQL: leases, fencing, the dead-letter
+state, one running round per task, adapter versions by compare-and-swap; on PostgreSQL also the
+database's own refusal of a second running round of a task and concurrent claims over connections."""
 import threading
 import time
 from dataclasses import replace
@@ -10,8 +11,22 @@ from crosslm_shared.errors import AdapterConflictError, LeaseLostError
 from test_store import manifest, submitted
 
 
+@pytest.fixture(params=["memory", "postgres"])
+def store(request):
+    from crosslm_server.service.store import MemoryStore
+
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    from crosslm_server.service.store.postgres import PostgresStore
+
+    s = PostgresStore(request.getfixturevalue("pg_dsn"), pool_size=4)
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def store(pg_dsn):
+def pg_store(pg_dsn):
     from crosslm_server.service.store.postgres import PostgresStore
 
     s = PostgresStore(pg_dsn, pool_size=4)
@@ -72,19 +87,26 @@ def test_a_worker_whose_lease_was_taken_over_cannot_heartbeat_publish_or_fail(st
     assert store.peers("rt") == {"a": "s-up-00001"}
 
 
-def test_one_running_round_per_task_is_enforced_by_the_database(store):
-    import psycopg
-
+def test_one_running_round_per_task(store):
     for uid, task in (("up-00001", "rt"), ("up-00002", "rt"), ("up-00003", "spam")):
         submitted(store, uid, task=task)
     first = store.claim(worker="w1", lease_s=60.0, now=1.0)
     second = store.claim(worker="w2", lease_s=60.0, now=1.0)
     assert (first.submission.task, second.submission.task) == ("rt", "spam")  # the second rt round waits
     assert store.claim(worker="w3", lease_s=60.0, now=1.0) is None
-    with psycopg.connect(store.dsn) as conn, pytest.raises(psycopg.errors.UniqueViolation):
-        conn.execute("UPDATE submissions SET stage = 'running' WHERE submission_id = %(id)s", {"id": "s-up-00002"})
     store.finish_leased(first, result=manifest(), metrics={}, now=2.0, adapter_uri=None, ready_fields={})
     assert store.claim(worker="w3", lease_s=60.0, now=3.0).submission.submission_id == "s-up-00002"
+
+
+def test_the_database_itself_refuses_a_second_running_round_of_a_task(pg_store):
+    import psycopg
+
+    store = pg_store
+    submitted(store, "up-00001")
+    submitted(store, "up-00002")
+    store.claim(worker="w1", lease_s=60.0, now=1.0)
+    with psycopg.connect(store.dsn) as conn, pytest.raises(psycopg.errors.UniqueViolation):  # whatever the code does
+        conn.execute("UPDATE submissions SET stage = 'running' WHERE submission_id = %(id)s", {"id": "s-up-00002"})
 
 
 def test_adapter_versions_are_published_by_compare_and_swap(store):
@@ -107,9 +129,10 @@ def test_adapter_versions_are_published_by_compare_and_swap(store):
                                                                           (2, "file:///ad/rt/v2")]
 
 
-def test_concurrent_claims_never_share_a_submission_or_a_task(store, pg_dsn):
+def test_concurrent_claims_never_share_a_submission_or_a_task(pg_store, pg_dsn):
     from crosslm_server.service.store.postgres import PostgresStore
 
+    store = pg_store
     tasks = ["t0", "t1", "t2", "t3"]
     for i in range(40):
         submitted(store, f"up-{i:05d}", silo=f"s{i % 5}", task=tasks[i % 4])

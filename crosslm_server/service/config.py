@@ -203,9 +203,14 @@ class ServerConfig:
 
     def require_shared_store(self, what: str) -> None:
         """Front-ends and workers apart share their state through PostgreSQL only."""
-        if self.store.kind != "postgres":
+        if not self.shared_store:
             raise ConfigError(f"{what} needs [store] kind = 'postgres' (got {self.store.kind!r}): separate front-end "
                               "and worker processes share the state through PostgreSQL; with SQLite run `serve` alone")
+
+    @property
+    def shared_store(self) -> bool:
+        """Several processes share the state (PostgreSQL): rounds are claimed with leases."""
+        return self.store.kind == "postgres"
 
     @property
     def store_path(self) -> Path:

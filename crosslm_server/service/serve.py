@@ -64,8 +64,8 @@ def frontend_checks(service: CrossLMService, config: ServerConfig) -> None:
     tasks = config.engine.options.get("tasks")
     if isinstance(tasks, dict):
         labels = {name: tuple(names) for name, names in tasks.items()}
-    elif isinstance(tasks, list):
-        labels = {name: tuple(load_task(name).label_names) for name in tasks}
+    elif isinstance(tasks, list):  # names or task files, keyed by the task's own name as manifests carry it
+        labels = {spec.name: tuple(spec.label_names) for spec in map(load_task, tasks)}
     else:
         labels = None
     service.attach_checks(task_labels=None if labels is None else labels.get, content_check=check_slm)
@@ -75,9 +75,9 @@ def worker_name(config: ServerConfig) -> str:
     return config.worker.name or f"{socket.gethostname()}:{os.getpid()}"
 
 
-def start_reaper(store: Store, service: CrossLMService, config: ServerConfig) -> Reaper | None:
+def start_reaper(store: LeaseStore, service: CrossLMService, config: ServerConfig) -> Reaper | None:
     """Every process on a shared store hands the rounds of lost workers back (each once)."""
-    if not isinstance(store, LeaseStore):
+    if not config.shared_store:
         return None
     return Reaper(store, every_s=min(5.0, config.worker.lease_s / 4), max_attempts=config.worker.max_attempts,
                   clock=service.clock, on_requeued=service.wake_worker).start()
@@ -130,7 +130,7 @@ class Server:
                 log.exception("expiring abandoned uploads failed; retrying in %.0f s", every)
 
     def start(self) -> "Server":
-        if not isinstance(self.store, LeaseStore):  # shared: other workers' rounds go on, leases decide
+        if not self.config.shared_store:  # shared: other workers' rounds go on, their leases decide
             requeued = self.store.requeue_running(now=self.service.clock())
             for sid in requeued:
                 self.service.emit(sid, "queued", {"position": self.store.queue_position(sid), "rerun": True})
@@ -263,7 +263,7 @@ def default_engine_factory(config: ServerConfig):
 
 def new_worker(service: CrossLMService, engine_factory, config: ServerConfig) -> Worker:
     """The worker of this process: with leases on a shared store, else the one-process queue."""
-    if not isinstance(service.store, LeaseStore):
+    if not config.shared_store:
         return Worker(service, engine_factory, nice=config.server.worker_nice)
     return Worker(service, engine_factory, nice=config.server.worker_nice, poll_s=config.worker.poll_s,
                   lease=config.worker, name=worker_name(config))
@@ -272,15 +272,19 @@ def new_worker(service: CrossLMService, engine_factory, config: ServerConfig) ->
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     tune_malloc_for_chunks()
-    server = build_server(config)
+    return run_until_signalled(build_server(config))
+
+
+def run_until_signalled(process) -> int:
+    """Start `process` (a Server, a WorkerProcess) and stop it on SIGTERM or SIGINT; exit code 0."""
 
     def on_signal(signum, frame):
         log.info("received %s", signal.Signals(signum).name)
-        threading.Thread(target=server.stop, name="crosslm-shutdown", daemon=True).start()
+        threading.Thread(target=process.stop, name="crosslm-shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    while not server.wait(1.0):
+    process.start()
+    while not process.wait(1.0):
         pass
     return 0

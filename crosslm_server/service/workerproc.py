@@ -10,7 +10,6 @@ finish within `[server] grace_s`; a round cut short runs again elsewhere once it
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from crosslm_server.service.http import build_app
 from crosslm_server.service.leases import Reaper
 from crosslm_server.service.logic import CrossLMService
 from crosslm_server.service.metrics import Metrics
-from crosslm_server.service.serve import bind_http, default_engine_factory, new_worker, open_store, start_reaper
+from crosslm_server.service.serve import (bind_http, default_engine_factory, new_worker, open_store,
+                                          run_until_signalled, start_reaper)
 from crosslm_server.service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,4 @@ class WorkerProcess:
 
 def run_worker(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    proc = WorkerProcess(config)
-
-    def on_signal(signum, frame):
-        log.info("received %s", signal.Signals(signum).name)
-        threading.Thread(target=proc.stop, name="crosslm-shutdown", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    proc.start()
-    while not proc.wait(1.0):
-        pass
-    return 0
+    return run_until_signalled(WorkerProcess(config))
