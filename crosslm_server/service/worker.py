@@ -161,7 +161,7 @@ class Worker:
             log.warning("round for submission %s of silo %s: not published: %s", sid, sub.silo, e)
             self._discard(sub, request)
             if isinstance(e, AdapterConflictError):
-                svc.store.release(lease, now=svc.clock())
+                self._release(lease)
         except Exception as e:  # noqa: BLE001 - a failed round is reported, the worker goes on
             if isinstance(e, CrossLMError):  # a reason written for the caller: one line is enough
                 log.warning("round for submission %s of silo %s: failed: %s: %s", sid, sub.silo, type(e).__name__, e)
@@ -190,6 +190,13 @@ class Worker:
                                 ready_fields=stringify_fields(ready))
         svc.notify_watchers()
 
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.service.store.release(lease, now=self.service.clock())
+        except Exception:  # noqa: BLE001 - the store is away: the lease ends and the round runs again
+            log.exception("round for submission %s: could not give it back; it runs again once its lease ends",
+                          lease.submission.submission_id)
+
     def _fail(self, sub: Submission, lease: Lease | None, reason: str) -> None:
         svc, sid = self.service, sub.submission_id
         if lease is None:
@@ -200,6 +207,9 @@ class Worker:
                 svc.store.fail_leased(lease, error=reason, now=svc.clock())
             except LeaseLostError as e:
                 log.warning("round for submission %s: failure not recorded: %s", sid, e)
+                return
+            except Exception:  # noqa: BLE001 - the store is away: the lease ends and the round runs again
+                log.exception("round for submission %s: failure not recorded; it runs again once its lease ends", sid)
                 return
             svc.notify_watchers()
         svc.metrics.rounds.labels("failed").inc()
