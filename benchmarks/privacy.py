@@ -13,7 +13,6 @@ rounds: the first SLM gets its share ε / (1 + rounds)); `--rounds 0` spends all
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

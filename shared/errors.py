@@ -44,6 +44,14 @@ class PreconditionError(CrossLMError):
     """The call is valid but the state does not allow it yet (FAILED_PRECONDITION)."""
 
 
+class LeaseLostError(PreconditionError):
+    """A worker's lease on a round expired and was taken over: it must not publish that round."""
+
+
+class AdapterConflictError(PreconditionError):
+    """A round's adapter version was published by another round first (the compare-and-swap failed)."""
+
+
 class InvalidRequestError(CrossLMError):
     """A request field is malformed (INVALID_ARGUMENT)."""
 

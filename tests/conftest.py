@@ -145,3 +145,23 @@ judge_per_label = 2
 judge_arch = "{tiny_slm_dir}"
 ''')
     return cfg
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session (tests/pg_server.py); skips only where no binaries exist."""
+    from pg_server import PostgresServer, find_bindir
+
+    pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg (the `test` extra installs it)")
+    if find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or under "
+                    "/usr/lib/postgresql/*/bin: `bash scripts/bootstrap --test` installs them with apt-get")
+    server = PostgresServer().start()  # in its own temporary folder, deleted by stop()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server) -> str:
+    """A fresh, empty database on the session's server."""
+    return pg_server.create_database()

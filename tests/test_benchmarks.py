@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ("transfer", "generation", "llm_passes", "responsiveness", "concurrency", "round", "truncation", "privacy")
+SCRIPTS = ("transfer", "generation", "llm_passes", "responsiveness", "concurrency", "round", "truncation", "privacy",
+           "scaleout")
 
 
 def load(name: str):

@@ -1,4 +1,4 @@
-"""docker-compose.yml and the Dockerfiles, checked without a Docker engine.
+"""docker-compose.yml, docker-compose.scale.yml and the Dockerfiles, checked without a Docker engine.
 
 Each service's command must be a console script of pyproject.toml that accepts its arguments,
 with a config file that exists and loads; the server's health check asks /readyz and says "not
@@ -296,3 +296,53 @@ def test_each_silo_trains_as_the_demo_config_says(silo):
     slm = load_config(ROOT / "examples" / "demo.toml").round.slm
     assert (train.lrs, train.max_epochs, train.continue_epochs, train.batch_size) == \
         (tuple(slm.lrs), slm.max_epochs, slm.max_epochs, slm.batch_size)
+
+
+# ---- docker-compose.scale.yml: the same demo on PostgreSQL, two front-ends, two workers ----------
+@pytest.fixture(scope="module")
+def scale() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.scale.yml").read_text())
+
+
+def test_the_scaled_compose_runs_console_scripts_with_configs_that_load(scale):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    services = scale["services"]
+    assert set(services) == {"postgres", "certs", "data", "frontend-a", "frontend-b", "worker-1", "worker-2", *SILOS}
+    for name, service in services.items():
+        if name == "postgres":
+            continue
+        command = service["command"]
+        assert command[0] in scripts, f"{name}: {command}"
+        _parser(command[0]).parse_args(command[1:])
+        if "--config" in command:
+            assert (ROOT / command[command.index("--config") + 1]).is_file(), name
+    for name in ("frontend-a", "frontend-b", "worker-1", "worker-2"):
+        command = services[name]["command"]
+        config = load_server_config(ROOT / command[command.index("--config") + 1])
+        assert config.store.kind == "postgres" and "host=postgres" in config.store.dsn and not config.worker.builtin
+        assert services[name]["environment"]["PGPASSWORD"] == services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+        assert _mounts(services[name])[str(config.server.data_dir)] == ("server-state", False)  # one shared folder
+        port = config.server.http_port if command[1] == "serve" else config.worker.http_port
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert check.endswith(f"docker/healthcheck.py http://127.0.0.1:{port}/readyz"), name
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert [services[f"worker-{i}"]["command"][1] for i in (1, 2)] == ["worker", "worker"]
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+
+
+def test_the_scaled_silos_reach_either_front_end_by_the_certificates_name(scale):
+    services = scale["services"]
+    certs = services["certs"]["command"]
+    host = certs[certs.index("--server-host") + 1]
+    for name in ("frontend-a", "frontend-b"):
+        assert host in services[name]["networks"]["default"]["aliases"]
+    for name in SILOS:
+        silo = services[name]
+        config = load_silo_config(ROOT / silo["command"][silo["command"].index("--config") + 1])
+        assert config.server.address == f"{host}:50051"
+        assert {k: v["condition"] for k, v in silo["depends_on"].items()} == {
+            "certs": "service_completed_successfully", "data": "service_completed_successfully",
+            "frontend-a": "service_healthy", "frontend-b": "service_healthy",
+            "worker-1": "service_healthy", "worker-2": "service_healthy"}
+    used = {v for s in services.values() for v, _ in _mounts(s).values()}
+    assert used == set(scale["volumes"])

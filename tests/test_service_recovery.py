@@ -5,11 +5,9 @@ is started again on the same data_dir. Uploads resume from the committed offset,
 interrupted round runs again and finishes once, nothing accepted is lost.
 """
 import os
-import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 
 from crosslm_client.transport import CrossLMClient, RetryPolicy, TransportError
 from crosslm_shared.bundle import make_manifest, sha256_file
+from scale_helpers import Proc, server_toml
 from service_helpers import LABELS, address, server_config, start_server, tiny_bundle
 
 pytestmark = pytest.mark.recovery
@@ -26,59 +25,13 @@ CHUNK = 256 * 1024
 FAST = RetryPolicy(initial_s=0.05, max_s=0.5, max_attempts=20)
 
 
-class ServerProcess:
+class ServerProcess(Proc):
+    """`crosslm-server serve` on a SQLite store in `root` (scale_helpers.Proc: start, kill9, stop)."""
+
     def __init__(self, root, *, engine_options: str = "", engine: str = "fakes.tiny_engine:TinyEngine"):
-        self.root = root
-        self.config = root / "server.toml"
-        self.config.write_text(textwrap.dedent(f"""\
-            [server]
-            grpc_host = "127.0.0.1"
-            grpc_port = 0
-            http_host = "127.0.0.1"
-            http_port = 0
-            data_dir = "data"
-            plaintext_dev_mode = true
-            grace_s = 2
-            [store]
-            kind = "sqlite"
-            [engine]
-            name = "{engine}"
-            [engine.options]
-            {engine_options}
-            """))
-        self.proc, self.port, self.starts = None, None, 0
-
-    def start(self) -> "ServerProcess":
-        self.starts += 1
-        log = self.root / f"server-{self.starts}.log"
-        with log.open("w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "crosslm_server.service.cli", "serve",
-                                          "--config", str(self.config)], stderr=f, cwd=self.root)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            match = re.search(r"serving gRPC \(\w+\) on [^:]+:(\d+)", log.read_text())
-            if match:
-                self.port = int(match.group(1))
-                return self
-            assert self.proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        raise AssertionError(f"server did not start: {log.read_text()}")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        config = root / "server.toml"
+        config.write_text(server_toml(store='kind = "sqlite"', engine=engine, engine_options=engine_options))
+        super().__init__(config, "serve", "server")
 
 
 @pytest.fixture

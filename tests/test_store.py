@@ -1,4 +1,5 @@
-"""Store contract, written once and run on memory, SQLite :memory: and SQLite on a file."""
+"""Store contract, written once and run on memory, SQLite :memory:, SQLite on a file and PostgreSQL
+(a real server the session starts: tests/pg_server.py)."""
 import json
 import sqlite3
 
@@ -20,12 +21,19 @@ def manifest(task="rt", silo="a", sha=SHA):
                     files=(FileEntry("config.json", 10, sha), FileEntry("model.safetensors", 20, sha)))
 
 
-@pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file"])
+@pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file", "postgres"])
 def store(request, tmp_path):
     s = {"memory": MemoryStore, "sqlite-memory": lambda: SQLiteStore(":memory:"),
-         "sqlite-file": lambda: SQLiteStore(tmp_path / "state.db")}[request.param]()
+         "sqlite-file": lambda: SQLiteStore(tmp_path / "state.db"),
+         "postgres": lambda: _postgres(request.getfixturevalue("pg_dsn"))}[request.param]()
     yield s
     s.close()
+
+
+def _postgres(dsn):
+    from crosslm_server.service.store.postgres import PostgresStore
+
+    return PostgresStore(dsn, pool_size=2)
 
 
 def submitted(store, uid, *, silo="a", task="rt", now=1.0):

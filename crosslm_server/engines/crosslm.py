@@ -250,7 +250,9 @@ class CrossLMEngine:
             version = self.adapters.save(self.llm, submission_id=request.submission_id, silo=request.silo,
                                          task=pending.task.name, metrics=metrics)
             self._version = version.version
-            extra: dict[str, Any] = {"adapter_version": version.version, "llm_updated": 1}
+            # adapter_uri: where the version lies, for a shared store's version record (never sent to a silo)
+            extra: dict[str, Any] = {"adapter_version": version.version, "llm_updated": 1,
+                                     "adapter_uri": version.path.resolve().as_uri()}
             if self.eval_set is not None and version.version % self.eval_every == 0:
                 pending.emit(EventKind.EVALUATING_LLM, {"texts": len(self.eval_set.texts), "docs": len(self.eval_set.docs)})
                 extra |= self._evaluate("llm")

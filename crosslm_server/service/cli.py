@@ -1,4 +1,5 @@
-"""`crosslm-server`: run the CrossLM server; list and roll back its LLM adapter versions.
+"""`crosslm-server`: run the CrossLM server (`serve`), or its front-ends and workers apart (`serve`
+with `[worker] builtin = false`, `worker`); list and roll back its LLM adapter versions.
 
 Exit codes: 0 clean stop, 2 bad config or flags, 1 any other failure.
 """
@@ -33,6 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plaintext-dev", action="store_true",
                      help="no TLS, silos named by a header: a local demo only, never reachable by others "
                           "(default: mTLS as the file says)")
+    run.add_argument("--no-worker", action="store_true",
+                     help="a front-end only: no engine, no round (sets [worker] builtin = false; needs "
+                          "[store] kind = 'postgres' and `crosslm-server worker` processes; default: from file)")
+    wk = sub.add_parser("worker", help="claim and run rounds from the shared PostgreSQL store until SIGTERM")
+    wk.add_argument("--config", type=Path, required=True, help="server TOML file with [store] kind = 'postgres'")
+    wk.add_argument("--data-dir", type=str, default=None,
+                    help="override [server] data_dir, the folder shared with the front-ends (default: from file)")
+    wk.add_argument("--engine", type=str, default=None,
+                    help="override [engine] name; the file's [engine.options] are dropped when it differs")
+    wk.add_argument("--name", type=str, default=None, help="override [worker] name (default: from file, else host:pid)")
+    wk.add_argument("--http-port", type=int, default=None,
+                    help="override [worker] http_port of /healthz /readyz /metrics (default: from file)")
     ad = sub.add_parser("adapters", help="list or roll back the LLM adapter versions (one per applied round)")
     ad_sub = ad.add_subparsers(dest="action", required=True)
     for name, help_ in (("list", "list the versions, marking the current one"),
@@ -72,13 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "adapters":
             config = load_server_config(args.config, overrides={"server": {"data_dir": data_dir}})
             return _adapters(args, config)
-        tls = {key: str(Path(value).resolve()) if value else None
-               for key, value in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca))}
-        config = load_server_config(args.config, overrides={
-            "server": {"grpc_port": args.grpc_port, "http_port": args.http_port, "data_dir": data_dir,
-                       "plaintext_dev_mode": True if args.plaintext_dev else None, **tls},
-            "engine": {"name": args.engine}})
-        config.server.require_tls()
+        if args.command == "worker":
+            config = load_server_config(args.config, overrides={
+                "server": {"data_dir": data_dir}, "engine": {"name": args.engine},
+                "worker": {"name": args.name, "http_port": args.http_port}})
+            config.require_shared_store("`crosslm-server worker`")
+        else:
+            tls = {key: str(Path(value).resolve()) if value else None
+                   for key, value in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca))}
+            config = load_server_config(args.config, overrides={
+                "server": {"grpc_port": args.grpc_port, "http_port": args.http_port, "data_dir": data_dir,
+                           "plaintext_dev_mode": True if args.plaintext_dev else None, **tls},
+                "engine": {"name": args.engine}, "worker": {"builtin": False if args.no_worker else None}})
+            config.server.require_tls()
         if args.engine and args.engine != load_server_config(args.config).engine.name:
             config = replace(config, engine=replace(config.engine, options={}))
     except CrossLMError as e:
@@ -91,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_ml_logging()
     try:
+        if args.command == "worker":
+            from crosslm_server.service.workerproc import run_worker
+
+            return run_worker(config)
         return serve(config)
     except CrossLMError as e:
         logging.getLogger("crosslm_server").error("%s", e)

@@ -4,7 +4,7 @@ Relative paths in a config file are resolved against the file's folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -16,7 +16,7 @@ from crosslm_shared.plugins import is_import_path
 from crosslm_shared.schema import build, option
 
 MiB = 1024 * 1024
-StoreKind = Literal["sqlite", "memory"]
+StoreKind = Literal["sqlite", "memory", "postgres"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -138,12 +138,52 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class StoreSection:
-    kind: StoreKind = option("sqlite", "\"sqlite\" (durable, WAL) or \"memory\" (tests: forgets on exit)")
+    kind: StoreKind = option("sqlite", "\"sqlite\" (durable, WAL), \"memory\" (tests: forgets on exit) or "
+                                       "\"postgres\" (shared by several processes)")
     path: Path | None = option(None, "SQLite file; default <data_dir>/state.db", path=True)
+    dsn: str = option("", "PostgreSQL connection string (kind = 'postgres'), e.g. "
+                          "'postgresql://crosslm@db:5432/crosslm'; the password in PGPASSWORD or ~/.pgpass, not here")
+    pool_size: int = option(8, "PostgreSQL connections one process may hold at once")
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(StoreKind):
             raise _bad("store", "kind", self.kind, str(get_args(StoreKind)))
+        if self.kind == "postgres" and not self.dsn:
+            raise _bad("store", "dsn", self.dsn, "a libpq connection string when kind = 'postgres'")
+        if self.pool_size < 1:
+            raise _bad("store", "pool_size", self.pool_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    """Who runs rounds: the server's own thread (one process, the default) or `crosslm-server
+    worker` processes sharing a PostgreSQL store and the data_dir (docs/service.md, "Production
+    topology")."""
+
+    builtin: bool = field(default=True, metadata={"help": "true: `serve` runs rounds itself; false: `serve` is a "
+                                                          "front-end only and `crosslm-server worker` runs them"})
+    name: str = field(default="", metadata={"help": "this worker's name in leases and logs; default host:pid"})
+    lease_s: float = field(default=60.0, metadata={"help": "a round's lease; a worker silent this long loses it "
+                                                           "and another worker runs the round"})
+    heartbeat_s: float = field(default=15.0, metadata={"help": "how often a worker extends its lease "
+                                                               "(at most a third of lease_s)"})
+    max_attempts: int = field(default=3, metadata={"help": "claims of one round before it is dead-lettered "
+                                                           "(failed) instead of queued again"})
+    poll_s: float = field(default=1.0, metadata={"help": "how often an idle worker looks for queued rounds"})
+    http_port: int = field(default=0, metadata={"help": "`crosslm-server worker`: port of its /healthz /readyz "
+                                                        "/metrics on [server] http_host (0 = any free port)"})
+
+    def __post_init__(self) -> None:
+        if not self.lease_s > 0:
+            raise _bad("worker", "lease_s", self.lease_s, "> 0 seconds")
+        if not 0 < self.heartbeat_s <= self.lease_s / 3:
+            raise _bad("worker", "heartbeat_s", self.heartbeat_s, f"0 < heartbeat_s <= lease_s / 3 ({self.lease_s / 3:g})")
+        if self.max_attempts < 1:
+            raise _bad("worker", "max_attempts", self.max_attempts, ">= 1")
+        if not self.poll_s > 0:
+            raise _bad("worker", "poll_s", self.poll_s, "> 0 seconds")
+        if not 0 <= self.http_port <= 65535:
+            raise _bad("worker", "http_port", self.http_port, "0..65535")
 
 
 @dataclass(frozen=True)
@@ -162,6 +202,22 @@ class ServerConfig:
     server: ServerSection = option(factory=ServerSection, help="the gRPC and HTTP front-end")
     store: StoreSection = option(factory=StoreSection, help="where the service's state lives")
     engine: EngineSection = option(factory=EngineSection, help="what runs a round")
+    worker: WorkerSection = option(factory=WorkerSection, help="who runs the rounds: this process, or separate workers")
+
+    def __post_init__(self) -> None:
+        if not self.worker.builtin:
+            self.require_shared_store("[worker] builtin = false")
+
+    def require_shared_store(self, what: str) -> None:
+        """Front-ends and workers apart share their state through PostgreSQL only."""
+        if not self.shared_store:
+            raise ConfigError(f"{what} needs [store] kind = 'postgres' (got {self.store.kind!r}): separate front-end "
+                              "and worker processes share the state through PostgreSQL; with SQLite run `serve` alone")
+
+    @property
+    def shared_store(self) -> bool:
+        """Several processes share the state (PostgreSQL): rounds are claimed with leases."""
+        return self.store.kind == "postgres"
 
     @property
     def store_path(self) -> Path:

@@ -1,7 +1,7 @@
 """Service logic behind the gRPC servicer: uploads, submissions, events, downloads.
 
-Works on frozen records only (the servicer converts protobuf at the edge). Files on disk,
-under the server's data directory:
+Works on frozen records only (the servicer converts protobuf at the edge). Files live in the
+bundle storage (crosslm_server.service.storage; by default under the server's data directory):
     uploads/<upload_id>/<file>.part   bytes being received (fsynced every few MiB and at stream end)
     uploads/<upload_id>/<file>        a file whose SHA-256 matched
     bundles/<upload_id>/              a complete, validated bundle (renamed as one folder)
@@ -30,6 +30,7 @@ from crosslm_shared.transfer import Chunk, OffsetError, PartialFile, committed_s
 from crosslm_server.engines.admission import IsolatedChecker, TaskLabels, check_task
 from crosslm_server.service.config import Limits
 from crosslm_server.service.metrics import Metrics
+from crosslm_server.service.storage import BundleStorage, SharedDir
 from crosslm_server.service.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,9 @@ UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
 
 class CrossLMService:
     def __init__(self, store: Store, data_dir: Path, *, limits: Limits, metrics: Metrics,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, storage: BundleStorage | None = None):
         self.store, self.data_dir, self.limits, self.metrics, self.clock = store, Path(data_dir), limits, metrics, clock
-        for sub in ("uploads", "bundles", "results", "work"):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.storage = storage or SharedDir(self.data_dir)
         self._changed = threading.Condition()
         self._upload_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -78,19 +78,19 @@ class CrossLMService:
 
     # ---- paths -------------------------------------------------------------------------
     def bundle_dir(self, upload_id: str) -> Path:
-        return self.data_dir / "bundles" / upload_id
+        return self.storage.bundle_dir(upload_id)
 
     def result_dir(self, submission_id: str) -> Path:
-        return self.data_dir / "results" / submission_id
+        return self.storage.result_dir(submission_id)
 
     def work_dir(self, submission_id: str) -> Path:
-        return self.data_dir / "work" / submission_id
+        return self.storage.work_dir(submission_id)
 
     # ---- uploads -----------------------------------------------------------------------
     def committed(self, upload: Upload) -> dict[str, int]:
         if upload.complete:
             return {f.name: f.size for f in upload.manifest.files}
-        folder = self.data_dir / "uploads" / upload.upload_id
+        folder = self.storage.upload_dir(upload.upload_id)
         return {f.name: committed_size(folder / f.name) for f in upload.manifest.files}
 
     def query_upload(self, silo: str, upload_id: str) -> tuple[Upload, dict[str, int]]:
@@ -163,7 +163,7 @@ class CrossLMService:
         for upload in self.store.pending_uploads():
             if upload.created_at > now - ttl:
                 continue
-            folders = [self.data_dir / "uploads" / upload.upload_id, self.bundle_dir(upload.upload_id)]
+            folders = [self.storage.upload_dir(upload.upload_id), self.bundle_dir(upload.upload_id)]
             if _last_change(folders) > now - ttl:
                 continue  # still moving: a slow upload is not abandoned
             lock = self._upload_lock(upload.upload_id)
@@ -184,7 +184,7 @@ class CrossLMService:
         return expired
 
     def _receive_locked(self, upload: Upload, chunks: Iterable[Chunk]) -> tuple[Upload, dict[str, int]]:
-        folder = self.data_dir / "uploads" / upload.upload_id
+        folder = self.storage.upload_dir(upload.upload_id)
         folder.mkdir(parents=True, exist_ok=True)
         log.info("upload %s from silo %s: receiving (%d bytes in %d files)", upload.upload_id, upload.silo,
                  upload.manifest.total_size, len(upload.manifest.files))
@@ -316,9 +316,14 @@ class CrossLMService:
         """Append an event (typed fields, crosslm_shared.records.typed_value) and wake the watchers;
         RecordValueError for a kind that is no EventKind or a field the wire cannot carry."""
         event = self.store.append_event(submission_id, event_kind(kind), fields, now=self.clock())
+        self.notify_watchers()
+        return event
+
+    def notify_watchers(self) -> None:
+        """Wake this process's Watch streams: the store holds new events (a worker in another
+        process writes its own; the watchers see them at their next poll)."""
         with self._changed:
             self._changed.notify_all()
-        return event
 
     def watch(self, silo: str, submission_id: str, after_seq: int, *,
               active: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> Iterator[Event]:

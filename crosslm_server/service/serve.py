@@ -3,11 +3,14 @@
 One process: the gRPC server (CrossLM + grpc.health.v1), the worker thread, and uvicorn
 serving the HTTP app in a thread. Health: service "" is SERVING while the process is up;
 "crosslm.v1.CrossLM" is SERVING only while ready (engine loaded, store writable, worker
-running). Shutdown flips both to NOT_SERVING first, then drains.
+running). Shutdown flips both to NOT_SERVING first, then drains. With `[worker] builtin = false`
+the process is a front-end only (no engine, no round): `crosslm-server worker` processes run the
+rounds from the shared PostgreSQL store (crosslm_server.service.workerproc).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -29,7 +32,9 @@ from crosslm_server.service.metrics import Metrics
 from crosslm_server.service.config import Limits, ServerConfig, ServerSection
 from crosslm_server.service.logic import CrossLMService
 from crosslm_server.service.servicer import CrossLMServicer, add_to_server
+from crosslm_server.service.leases import Reaper
 from crosslm_server.service.store import MemoryStore, Store
+from crosslm_server.service.store.base import LeaseStore
 from crosslm_server.service.store.sqlite import SQLiteStore
 from crosslm_server.service.worker import Worker
 
@@ -42,11 +47,45 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def open_store(config: ServerConfig) -> Store:
     if config.store.kind == "memory":
         return MemoryStore()
+    if config.store.kind == "postgres":
+        from crosslm_server.service.store.postgres import PostgresStore  # psycopg only where it is used
+
+        return PostgresStore(config.store.dsn, pool_size=config.store.pool_size)
     return SQLiteStore(config.store_path)
 
 
+def frontend_checks(service: CrossLMService, config: ServerConfig) -> None:
+    """A front-end loads no engine: it checks uploads with the engines' own content check
+    (crosslm_server.engines.admission.check_slm) and the tasks `[engine.options] tasks` names
+    (a list of task names, or a table of task -> labels); without it every task is taken and a
+    round of a task no worker serves fails there."""
+    from crosslm_server.engines.admission import check_slm
+    from crosslm_shared.tasks import load_task
+
+    tasks = config.engine.options.get("tasks")
+    if isinstance(tasks, dict):
+        labels = {name: tuple(names) for name, names in tasks.items()}
+    elif isinstance(tasks, list):  # names or task files, keyed by the task's own name as manifests carry it
+        labels = {spec.name: tuple(spec.label_names) for spec in map(load_task, tasks)}
+    else:
+        labels = None
+    service.attach_checks(task_labels=None if labels is None else labels.get, content_check=check_slm)
+
+
+def worker_name(config: ServerConfig) -> str:
+    return config.worker.name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def start_reaper(store: LeaseStore, service: CrossLMService, config: ServerConfig) -> Reaper | None:
+    """Every process on a shared store hands the rounds of lost workers back (each once)."""
+    if not config.shared_store:
+        return None
+    return Reaper(store, every_s=min(5.0, config.worker.lease_s / 4), max_attempts=config.worker.max_attempts,
+                  clock=service.clock, on_requeued=service.wake_worker).start()
+
+
 class Server:
-    def __init__(self, config: ServerConfig, *, store: Store, service: CrossLMService, worker: Worker,
+    def __init__(self, config: ServerConfig, *, store: Store, service: CrossLMService, worker: Worker | None,
                  grpc_server: grpc.Server, grpc_port: int, health: health.HealthServicer,
                  http_socket: socket.socket, metrics: Metrics):
         self.config, self.store, self.service, self.worker = config, store, service, worker
@@ -62,6 +101,7 @@ class Server:
         self._janitor_thread = threading.Thread(target=self._janitor, name="crosslm-janitor", daemon=True)
         self._stopped = threading.Event()
         self._stopping = threading.Event()
+        self._reaper: Reaper | None = None
 
     def readiness(self) -> tuple[bool, str]:
         if self._stopping.is_set():
@@ -72,6 +112,8 @@ class Server:
             return False, str(e)
         if not _dir_writable(Path(self.config.server.data_dir)):
             return False, f"data_dir {str(self.config.server.data_dir)!r} is not writable"
+        if self.worker is None:
+            return True, "ready (front-end: worker processes run the rounds)"
         return self.worker.readiness()
 
     def _track_readiness(self) -> None:
@@ -89,11 +131,14 @@ class Server:
                 log.exception("expiring abandoned uploads failed; retrying in %.0f s", every)
 
     def start(self) -> "Server":
-        requeued = self.store.requeue_running(now=self.service.clock())
-        for sid in requeued:
-            self.service.emit(sid, EventKind.QUEUED, {"position": self.store.queue_position(sid), "rerun": True})
-            log.warning("submission %s was interrupted mid-round: queued to run again", sid)
-        self.worker.start()
+        if not self.config.shared_store:  # shared: other workers' rounds go on, their leases decide
+            requeued = self.store.requeue_running(now=self.service.clock())
+            for sid in requeued:
+                self.service.emit(sid, EventKind.QUEUED, {"position": self.store.queue_position(sid), "rerun": True})
+                log.warning("submission %s was interrupted mid-round: queued to run again", sid)
+        self._reaper = start_reaper(self.store, self.service, self.config)
+        if self.worker is not None:
+            self.worker.start()
         self.grpc_server.start()
         self._http_thread.start()
         self._ready_thread.start()
@@ -115,7 +160,9 @@ class Server:
         log.info("shutting down (grace %.0f s)", grace)
         self.service.stop_watchers()
         done = self.grpc_server.stop(grace)
-        if not self.worker.stop(timeout=grace):
+        if self._reaper is not None:
+            self._reaper.stop()
+        if self.worker is not None and not self.worker.stop(timeout=grace):
             log.warning("round %s still running at shutdown: it will run again on the next start",
                         self.worker.current)
         done.wait(grace)
@@ -124,7 +171,7 @@ class Server:
         if self._http_thread.is_alive():
             self._http_thread.join(5)
         self.http_socket.close()
-        if not self.worker.running:
+        if self.worker is None or not self.worker.running:
             self.store.close()
         self._stopped.set()
         log.info("stopped")
@@ -165,11 +212,11 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
     store = open_store(config)
     service = CrossLMService(store, Path(s.data_dir), metrics=metrics,
                              limits=Limits.of(s))
-    engine_options = dict(config.engine.options)
-    if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
-        engine_options.setdefault("adapters_dir", str(Path(s.data_dir) / "adapters"))
-    factory = engine_factory or (lambda: create_engine(config.engine.name, engine_options))
-    worker = Worker(service, factory, nice=s.worker_nice)
+    if config.worker.builtin:
+        worker = new_worker(service, engine_factory or default_engine_factory(config), config)
+    else:
+        worker = None
+        frontend_checks(service, config)
     options = [("grpc.max_receive_message_length", s.max_message_bytes),
                ("grpc.max_send_message_length", s.max_message_bytes),
                ("grpc.keepalive_time_ms", s.keepalive_s * 1000),
@@ -192,30 +239,53 @@ def build_server(config: ServerConfig, *, engine_factory=None) -> Server:
             else grpc_server.add_secure_port(bind, credentials))
     if not port:
         raise ConfigError(f"[server] grpc_host/grpc_port: cannot bind {bind}; choose a free port (0 = any)")
+    return Server(config, store=store, service=service, worker=worker, grpc_server=grpc_server, grpc_port=port,
+                  health=health_servicer, http_socket=bind_http(s.http_host, s.http_port), metrics=metrics)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
     # proto=IPPROTO_TCP so the connections it accepts carry it too: asyncio sets TCP_NODELAY only
     # on sockets that say they are TCP, and without it Nagle held every response's body behind
     # the client's delayed ACK (/healthz took 40 ms instead of 2, measured: docs/performance.md)
-    http_socket = socket.socket(socket.AF_INET6 if ":" in s.http_host else socket.AF_INET, socket.SOCK_STREAM,
+    http_socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
                                 socket.IPPROTO_TCP)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    http_socket.bind((s.http_host, s.http_port))
+    http_socket.bind((host, port))
     http_socket.listen(128)
-    return Server(config, store=store, service=service, worker=worker, grpc_server=grpc_server, grpc_port=port,
-                  health=health_servicer, http_socket=http_socket, metrics=metrics)
+    return http_socket
+
+
+def default_engine_factory(config: ServerConfig):
+    engine_options = dict(config.engine.options)
+    if config.engine.name == "crosslm":  # adapter versions live with the rest of the server's state
+        engine_options.setdefault("adapters_dir", str(Path(config.server.data_dir) / "adapters"))
+    return lambda: create_engine(config.engine.name, engine_options)
+
+
+def new_worker(service: CrossLMService, engine_factory, config: ServerConfig) -> Worker:
+    """The worker of this process: with leases on a shared store, else the one-process queue."""
+    if not config.shared_store:
+        return Worker(service, engine_factory, nice=config.server.worker_nice)
+    return Worker(service, engine_factory, nice=config.server.worker_nice, poll_s=config.worker.poll_s,
+                  lease=config.worker, name=worker_name(config))
 
 
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     tune_malloc_for_chunks()
-    server = build_server(config)
+    return run_until_signalled(build_server(config))
+
+
+def run_until_signalled(process) -> int:
+    """Start `process` (a Server, a WorkerProcess) and stop it on SIGTERM or SIGINT; exit code 0."""
 
     def on_signal(signum, frame):
         log.info("received %s", signal.Signals(signum).name)
-        threading.Thread(target=server.stop, name="crosslm-shutdown", daemon=True).start()
+        threading.Thread(target=process.stop, name="crosslm-shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    while not server.wait(1.0):
+    process.start()
+    while not process.wait(1.0):
         pass
     return 0

@@ -1,5 +1,10 @@
 """The worker: one thread that runs rounds one at a time, oldest first, off the gRPC threads.
 
+With a `LeaseStore` shared by several workers (`lease` given: `crosslm-server worker`), each round
+is claimed with a lease that a `LeaseKeeper` thread extends, and the round is published (ready
+event, peer, adapter version) only while that lease holds: a worker that lost it throws its
+result away (docs/service.md, "Production topology").
+
 It loads the engine first (readiness stays false until the engine says ready), then claims
 queued submissions from the store, calls `Engine.run_round`, turns the engine's progress
 into events, and stores the enhanced SLM as a downloadable bundle. A round cut by a crash
@@ -23,21 +28,26 @@ from pathlib import Path
 from typing import Any
 
 from crosslm_shared.bundle import make_manifest, validate_bundle_dir
-from crosslm_shared.errors import CrossLMError
-from crosslm_shared.records import EventKind, Submission, typed_values
+from crosslm_shared.errors import AdapterConflictError, CrossLMError, LeaseLostError
+from crosslm_shared.records import EventKind, Submission, Value, typed_values
 from crosslm_server.engines.api import Engine, RoundRequest
+from crosslm_server.service.config import WorkerSection
+from crosslm_server.service.leases import LeaseKeeper
 from crosslm_server.service.logic import CrossLMService
+from crosslm_server.service.store.base import Lease
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
     def __init__(self, service: CrossLMService, engine_factory: Callable[[], Engine], *, poll_s: float = 1.0,
-                 nice: int = 0):
+                 nice: int = 0, lease: WorkerSection | None = None, name: str = "worker"):
         """`nice`: added to the worker thread's niceness (Linux: per thread), so the threads it
         starts (the engine's loader, torch's compute threads) inherit it and the gRPC and HTTP
-        threads of the process get the CPU first when they need it."""
+        threads of the process get the CPU first when they need it. `lease`: claim rounds with
+        leases of the store (a LeaseStore) under this worker's `name`; None: the one-process queue."""
         self.service, self.engine_factory, self.poll_s, self.nice = service, engine_factory, poll_s, nice
+        self.lease, self.name = lease, name
         self.engine: Engine | None = None
         self.load_error: str = ""
         self.current: str | None = None
@@ -90,7 +100,7 @@ class Worker:
                 self._stop.wait(0.1)
                 continue
             try:
-                sub = self.service.store.claim_next(now=self.service.clock())
+                sub, lease = self._claim()
                 self.service.metrics.queue_depth.set(self.service.store.queue_depth())
             except Exception:  # noqa: BLE001 - a store hiccup must not end the worker; /readyz shows the store
                 log.exception("worker could not claim work; retrying in %.1f s", self.poll_s)
@@ -101,58 +111,118 @@ class Worker:
                 self._wake.clear()
                 continue
             self._announce_positions()
-            self.run_one(sub)
+            self.run_one(sub, lease=lease)
+
+    def _claim(self) -> tuple[Submission | None, Lease | None]:
+        store, now = self.service.store, self.service.clock()
+        if self.lease is None:
+            return store.claim_next(now=now), None
+        lease = store.claim(worker=self.name, lease_s=self.lease.lease_s, now=now)
+        if lease is not None:
+            log.info("worker %s: claimed submission %s (attempt %d, token %d, adapter v%d)", self.name,
+                     lease.submission.submission_id, lease.attempt, lease.token, lease.adapter_version)
+        return (lease.submission if lease else None), lease
 
     def _announce_positions(self) -> None:
         """The queue moved: tell every waiting submission its new position."""
         for position, waiting in enumerate(self.service.store.queued(), 1):
             self.service.emit(waiting, EventKind.QUEUED, {"position": position})
 
-    def run_one(self, sub: Submission) -> None:
+    def run_one(self, sub: Submission, *, lease: Lease | None = None) -> None:
         """One round. Success is one step at the end: the result is stored, then the engine
         publishes what the round changed (`commit`: the LLM adapter version), then the store
         marks the submission ready and makes it a peer. Any failure before that leaves no
-        result, no adapter version and no change in the engine's memory (`discard`)."""
+        result, no adapter version and no change in the engine's memory (`discard`). With a
+        lease, a lost lease ends the round quietly: the worker that took it over reports it."""
         svc, sid = self.service, sub.submission_id
         self.current = sid
+        keeper = None if lease is None else LeaseKeeper(svc.store, lease, lease_s=self.lease.lease_s,
+                                                         every_s=self.lease.heartbeat_s, clock=svc.clock).start()
         log.info("round for submission %s of silo %s on task %s: started", sid, sub.silo, sub.task)
-        svc.emit(sid, EventKind.STARTED, {})
+        svc.emit(sid, EventKind.STARTED, {} if lease is None else {"attempt": lease.attempt})
         timer = _StageTimer(svc.metrics)
         request = None
         try:
             request = self._request(sub)
-            outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer))
+            outcome = self.engine.run_round(request, lambda kind, fields: self._emit(sid, kind, fields, timer, keeper))
             timer.close()
+            if keeper is not None:
+                keeper.renew()  # the result folder is written only while this worker holds the round
             result = self._store_result(sub, Path(outcome.slm_dir))
             metrics = dict(typed_values(outcome.metrics))  # a metric the wire cannot carry fails before commit
             commit = getattr(self.engine, "commit", None)
             if commit is not None:
-                metrics |= typed_values(commit(request, outcome))
+                metrics |= dict(commit(request, outcome) or {})
+            adapter_uri = metrics.pop("adapter_uri", None)  # a server location: never shown to a silo
+            metrics = dict(typed_values(metrics))
             self._outcome_metrics(metrics, kept_seen=timer.kept_seen, task=sub.task)
-            svc.store.finish(sid, result=result, metrics=metrics, now=svc.clock())
-            svc.emit(sid, EventKind.READY, {"files": len(result.files), "bytes": result.total_size})
+            self._publish(sub, lease, result, metrics, adapter_uri)
             svc.metrics.rounds.labels("done").inc()
             log.info("round for submission %s of silo %s: ready", sid, sub.silo)
+        except (LeaseLostError, AdapterConflictError) as e:
+            log.warning("round for submission %s of silo %s: not published: %s", sid, sub.silo, e)
+            self._discard(sub, request)
+            if isinstance(e, AdapterConflictError):
+                self._release(lease)
         except Exception as e:  # noqa: BLE001 - a failed round is reported, the worker goes on
             if isinstance(e, CrossLMError):  # a reason written for the caller: one line is enough
                 log.warning("round for submission %s of silo %s: failed: %s: %s", sid, sub.silo, type(e).__name__, e)
             else:
                 log.exception("round for submission %s of silo %s: failed", sid, sub.silo)
             self._undo(sub, request)
-            reason = public_reason(e)
-            svc.store.fail(sid, error=reason, now=svc.clock())
-            svc.emit(sid, EventKind.FAILED, {"reason": reason})
-            svc.metrics.rounds.labels("failed").inc()
+            self._fail(sub, lease, public_reason(e))
         finally:
             self.current = None
+            if keeper is not None:
+                keeper.stop()
         try:
             svc.prune_rounds(sub.silo)
         except Exception:  # noqa: BLE001 - logged; the next round of the silo tries again
             log.exception("deleting old rounds of silo %s failed", sub.silo)
 
+    def _publish(self, sub: Submission, lease: Lease | None, result, metrics: Mapping[str, Value],
+                 adapter_uri: str | None) -> None:
+        svc, sid = self.service, sub.submission_id
+        ready = {"files": len(result.files), "bytes": result.total_size}
+        if lease is None:
+            svc.store.finish(sid, result=result, metrics=metrics, now=svc.clock())
+            svc.emit(sid, EventKind.READY, ready)
+            return
+        svc.store.finish_leased(lease, result=result, metrics=metrics, now=svc.clock(), adapter_uri=adapter_uri,
+                                ready_fields=ready)
+        svc.notify_watchers()
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.service.store.release(lease, now=self.service.clock())
+        except Exception:  # noqa: BLE001 - the store is away: the lease ends and the round runs again
+            log.exception("round for submission %s: could not give it back; it runs again once its lease ends",
+                          lease.submission.submission_id)
+
+    def _fail(self, sub: Submission, lease: Lease | None, reason: str) -> None:
+        svc, sid = self.service, sub.submission_id
+        if lease is None:
+            svc.store.fail(sid, error=reason, now=svc.clock())
+            svc.emit(sid, EventKind.FAILED, {"reason": reason})
+        else:
+            try:
+                svc.store.fail_leased(lease, error=reason, now=svc.clock())
+            except LeaseLostError as e:
+                log.warning("round for submission %s: failure not recorded: %s", sid, e)
+                return
+            except Exception:  # noqa: BLE001 - the store is away: the lease ends and the round runs again
+                log.exception("round for submission %s: failure not recorded; it runs again once its lease ends", sid)
+                return
+            svc.notify_watchers()
+        svc.metrics.rounds.labels("failed").inc()
+
     def _undo(self, sub: Submission, request: RoundRequest | None) -> None:
         """A failed round leaves nothing: no result folder, no change in the engine's memory."""
         shutil.rmtree(self.service.result_dir(sub.submission_id), ignore_errors=True)
+        self._discard(sub, request)
+
+    def _discard(self, sub: Submission, request: RoundRequest | None) -> None:
+        """Undo the round in the engine's memory (its files may be another worker's by now)."""
         discard = getattr(self.engine, "discard", None)
         if discard is not None and request is not None:
             try:
@@ -170,7 +240,10 @@ class Worker:
         work.mkdir(parents=True, exist_ok=True)
         return RoundRequest(sub.submission_id, sub.silo, sub.task, slm_dir, peers, work)
 
-    def _emit(self, sid: str, kind: str, fields: Mapping[str, Any], timer: "_StageTimer") -> None:
+    def _emit(self, sid: str, kind: str, fields: Mapping[str, Any], timer: "_StageTimer",
+              keeper: LeaseKeeper | None) -> None:
+        if keeper is not None:
+            keeper.check()  # a round whose lease was lost stops at its next step
         timer.enter(kind)
         metrics = self.service.metrics
         if _number(fields.get("tokens_per_s")) is not None:

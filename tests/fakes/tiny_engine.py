@@ -30,11 +30,15 @@ TEXTS = ["good film", "great fun movie", "the best story", "bad boring plot", "a
 
 class TinyEngine:
     def __init__(self, *, load_seconds: float = 0.0, step_seconds: float = 0.0, steps: int = 2,
-                 fail_silos: tuple[str, ...] | list[str] = (), tasks: Mapping[str, list[str]] | None = None):
+                 fail_silos: tuple[str, ...] | list[str] = (), tasks: Mapping[str, list[str]] | None = None,
+                 adapters_dir: str | None = None):
         """load_seconds delays readiness (tests of /readyz); step_seconds slows each step;
         rounds for silos in fail_silos raise (tests of failure events); tasks maps the served
-        task names to their labels (default: the built-in tasks and the tests' "rt" = neg, pos)."""
+        task names to their labels (default: the built-in tasks and the tests' "rt" = neg, pos);
+        adapters_dir: `commit` writes each round's "adapter" there (the round's pseudo-labels, a
+        stand-in for LoRA weights) and returns its adapter_uri, so the store versions it."""
         self.step_seconds, self.steps, self.fail_silos = step_seconds, steps, set(fail_silos)
+        self.adapters_dir = Path(adapters_dir) if adapters_dir else None
         self.tasks = {name: tuple(labels) for name, labels in
                       (tasks if tasks is not None else _default_tasks()).items()}
         self._ready = threading.Event()
@@ -55,6 +59,38 @@ class TinyEngine:
         if request.silo in self.fail_silos:
             raise RoundError(f"tiny engine told to fail rounds of silo {request.silo!r}")
         n = len(TEXTS)
+        checkpoint = request.work_dir / "scored.json"  # a rerun (another worker) goes on from here
+        if checkpoint.exists():
+            saved = json.loads(checkpoint.read_text())
+            emit(EventKind.RESUMED, {"stage": "training_llm"})
+            pseudo, peers, mean = torch.tensor(saved["pseudo"]), saved["peers"], saved["mean_score"]
+        else:
+            pseudo, peers, mean = self._generate_and_score(request, emit)
+            tmp = checkpoint.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pseudo": pseudo.tolist(), "peers": peers, "mean_score": mean}))
+            tmp.replace(checkpoint)
+        emit(EventKind.TRAINING_LLM, {"done": 1, "total": 1, "loss": 1.0})
+        time.sleep(self.step_seconds)
+        emit(EventKind.FILTERING, {"total": n})
+        emit(EventKind.TRAINING_SLM, {"samples": n})
+        out = request.work_dir / "slm"
+        _fine_tune(request.slm_dir, out, TEXTS, pseudo, steps=self.steps, pause=self.step_seconds)
+        (request.work_dir / "pseudo.json").write_text(json.dumps(pseudo.tolist()))
+        return RoundOutcome(out, {"kept": n, "peers": peers, "mean_score": mean})
+
+    def commit(self, request: RoundRequest, outcome: RoundOutcome) -> dict:
+        """Publish the round's "adapter" (with adapters_dir): a file named by the submission, so a
+        rerun writes the same one; the store numbers the versions."""
+        if self.adapters_dir is None:
+            return {}
+        folder = self.adapters_dir / request.task
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{request.submission_id}.json"
+        path.write_text((request.work_dir / "pseudo.json").read_text())
+        return {"adapter_uri": path.as_uri()}
+
+    def _generate_and_score(self, request: RoundRequest, emit: Emit) -> tuple[torch.Tensor, int, float]:
+        n = len(TEXTS)
         for done in (n // 2, n):
             emit(EventKind.GENERATING, {"done": done, "total": n, "tokens_per_s": 100.0})
             time.sleep(self.step_seconds)
@@ -69,14 +105,7 @@ class TinyEngine:
         if not probs:
             raise RoundError("every scorer gave non-finite outputs; the round cannot score")
         scores = sum(probs.values()) / len(probs)
-        pseudo = scores.argmax(dim=-1)
-        emit(EventKind.TRAINING_LLM, {"done": 1, "total": 1, "loss": 1.0})
-        emit(EventKind.FILTERING, {"total": n})
-        emit(EventKind.TRAINING_SLM, {"samples": n})
-        out = request.work_dir / "slm"
-        _fine_tune(request.slm_dir, out, TEXTS, pseudo, steps=self.steps, pause=self.step_seconds)
-        return RoundOutcome(out, {"kept": n, "peers": len(probs),
-                                  "mean_score": float(scores.max(dim=-1).values.mean())})
+        return scores.argmax(dim=-1), len(probs), float(scores.max(dim=-1).values.mean())
 
 
 def _default_tasks() -> dict[str, list[str]]:

@@ -1,15 +1,17 @@
 """The durable state of the server behind one small interface (DESIGN.md §4).
 
 `Store` states each operation's contract; `MemoryStore` (tests, throw-away demos) and
-`SQLiteStore` (crosslm_server.service.store.sqlite, the default) implement it, and a PostgreSQL store
-can later serve several workers. Bundle bytes live on disk, not here: the store holds
-uploads, submissions with their stage, per-submission events with sequence numbers, and
-which submission is each silo's latest accepted SLM per task.
+`SQLiteStore` (crosslm_server.service.store.sqlite, the default) implement it. `LeaseStore` adds
+what several worker processes need (leases, fencing, one round per task, adapter versions);
+`PostgresStore` (crosslm_server.service.store.postgres) implements both. Bundle bytes live on
+disk, not here: the store holds uploads, submissions with their stage, per-submission events with
+sequence numbers, and which submission is each silo's latest accepted SLM per task.
 """
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from crosslm_shared.bundle import Manifest
 from crosslm_shared.errors import NotFoundError, PermissionDeniedError, PreconditionError, UploadConflictError
@@ -142,3 +144,71 @@ def _check_complete(up: Upload) -> None:
     if not up.complete:
         raise PreconditionError(f"upload {up.upload_id!r} is not complete: send the remaining "
                                 "bytes (QueryUpload says how many are held) before Submit")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed round. `token` fences it: heartbeats, the finish and the failure of the round
+    are accepted only while the submission still carries this token. `adapter_version` is the
+    task's adapter version when the round was claimed: the round's update is computed on it, so it
+    publishes version `adapter_version + 1` or nothing (compare-and-swap)."""
+
+    submission: Submission
+    worker: str
+    token: int
+    until: float
+    attempt: int
+    adapter_version: int
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    task: str
+    version: int
+    submission_id: str
+    uri: str
+    created_at: float
+
+
+class LeaseStore(Store):
+    """A store that several worker processes share (docs/service.md, "Production topology").
+
+    Claims commit at once and hold no lock or transaction for the round; a round belongs to a
+    worker only while its lease holds. At most one round of a task runs at a time (the database
+    enforces it), and each task's adapter versions are 1, 2, 3 ... with one per finished round.
+    """
+
+    @abc.abstractmethod
+    def claim(self, *, worker: str, lease_s: float, now: float) -> Lease | None:
+        """Move the oldest queued submission whose task has no running round to running, with a
+        new fencing token, `attempts + 1` and a lease until `now + lease_s`; None when there is none."""
+
+    @abc.abstractmethod
+    def heartbeat(self, lease: Lease, *, lease_s: float, now: float) -> Lease:
+        """Extend the lease to `now + lease_s`; LeaseLostError when the token no longer holds it."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease, *, now: float) -> bool:
+        """Give the round back to the queue (it runs again); False when the lease was lost already."""
+
+    @abc.abstractmethod
+    def reap_expired(self, *, now: float, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Running submissions whose lease ended before `now`: back to the queue with a `queued`
+        event (rerun), or, after `max_attempts` claims, to the dead-letter state (`failed`, with a
+        `failed` event saying so). Returns (requeued ids, dead-lettered ids)."""
+
+    @abc.abstractmethod
+    def finish_leased(self, lease: Lease, *, result: Manifest, metrics: Mapping[str, Value], now: float,
+                      adapter_uri: str | None, ready_fields: Mapping[str, Value]) -> tuple[Submission, Event]:
+        """In one transaction, only while `lease` holds: the submission becomes ready and a peer,
+        its `ready` event is appended and, with `adapter_uri`, the task's adapter version
+        `lease.adapter_version + 1` is published. LeaseLostError when the lease was lost,
+        AdapterConflictError when that version exists already; then nothing changes."""
+
+    @abc.abstractmethod
+    def fail_leased(self, lease: Lease, *, error: str, now: float) -> tuple[Submission, Event]:
+        """running -> failed with its `failed` event, only while `lease` holds (LeaseLostError)."""
+
+    @abc.abstractmethod
+    def adapter_versions(self, task: str) -> list[AdapterRecord]:
+        """The task's published adapter versions, oldest first."""
